@@ -1,0 +1,48 @@
+"""The retriever protocol: the environment the policy searches in.
+
+Every retriever (Pyserini BM25, dense FAISS, remote HTTP, cached) takes a batch of queries and
+returns, per query, up to ``k`` :class:`Passage` objects best first. The rollout engine and the
+data pipeline see only this protocol, so backends are interchangeable by config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved passage. ``text`` is the body without the title; ``score`` is the retriever's."""
+
+    id: str
+    title: str
+    text: str
+    score: float = 0.0
+
+    @property
+    def contents(self) -> str:
+        """The wiki-18 / Pyserini ``contents`` form: ``"Title"\\ntext``."""
+        return f'"{self.title}"\n{self.text}'
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """``search(queries, k)`` → one list of at most ``k`` passages per query, in input order."""
+
+    def search(self, queries: list[str], k: int) -> list[list[Passage]]: ...
+
+
+def split_contents(contents: str) -> tuple[str, str]:
+    """Split wiki-18 ``contents`` (``"Title"\\ntext``) into (title, text).
+
+    Without a quoted first line the title is empty and the whole string is the text.
+    """
+    first, sep, rest = contents.partition("\n")
+    first = first.strip()
+    if sep and len(first) >= 2 and first[0] == '"' and first[-1] == '"':
+        return first[1:-1], rest.strip()
+    return "", contents.strip()
