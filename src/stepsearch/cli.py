@@ -33,7 +33,7 @@ COMMANDS: dict = {
         "tiny": ("stepsearch.models.tiny", "model_tiny", "Make a tiny Qwen2-architecture model + BPE tokenizer offline."),
     },
     "sft": ("stepsearch.sft", "sft", "Supervised warm-start on golden search trajectories."),
-    "evaluate": ("stepsearch.evaluate", "evaluate", "Greedy rollouts on QA files; EM/F1 per dataset as a table."),
+    "evaluate": ("stepsearch.evaluation", "evaluate", "Greedy rollouts on QA files; EM/F1 per dataset as a table."),
 }
 
 

@@ -1,0 +1,299 @@
+"""``StepSearchPPO``: step-wise PPO (StePPO, METHOD.md §3) as a Lightning module.
+
+One Lightning training step = one PPO iteration, top to bottom:
+
+1. rollout: the policy searches the DataModule's retriever (sampling, METHOD.md §1);
+2. rewards: format gate, answer F1, search-key reward at the last token; information gain minus
+   redundancy at each ``</search>`` (``stepsearch.rewards``);
+3. old log-probs (policy), reference log-probs (frozen initial policy), values (critic);
+4. token rewards = placed scores − β·KL(old‖ref), GAE (γ = λ = 1) over policy tokens, whitening;
+5. ``ppo_epochs`` × minibatches (micro-batch accumulation) of clipped policy loss − entropy bonus
+   and clipped value loss, with manual optimization of two AdamW optimizers (actor, critic).
+
+Lightning counts every ``optimizer.step()`` under manual optimization; we reset its counter so that
+``global_step``, ``max_steps``, checkpoint cadence and logged steps are all PPO iterations.
+Validation and test: greedy rollouts, EM/F1 (SQuAD normalisation) overall and per dataset; a
+validation pass at step 0 (after any warm-start, before the first update) is logged at step 0.
+
+Algorithms (``ppo.algorithm``): ``steppo`` (global + step rewards as configured), ``ppo`` (global
+reward only: the Search-R1 baseline; step and key rewards forced off), ``grpo`` (group-relative
+advantages over ``grpo_group_size`` samples per prompt, KL as a loss, no critic update).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import lightning.pytorch as pl
+import torch
+
+from stepsearch.models.policy import ActorCritic, PolicySettings
+from stepsearch.ppo import core
+from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
+from stepsearch.rollout.engine import RolloutConfig
+from stepsearch.sft import BootstrapSettings
+
+
+@dataclass
+class PPOSettings:
+    """StePPO hyperparameters (METHOD.md §3 defaults).
+
+    Args:
+        algorithm: ``steppo`` | ``ppo`` (global reward only, Search-R1) | ``grpo``.
+        ppo_epochs: passes over each rollout batch.
+        mini_batch_size: trajectories per optimizer step.
+        micro_batch_size: trajectories per forward/backward (gradient accumulation inside a minibatch).
+        clip_eps: policy ratio clip ε.
+        value_clip: value clip range around the old values.
+        entropy_coef: entropy bonus coefficient.
+        value_coef: weight of the value loss when the critic shares the policy trunk.
+        gamma: GAE discount. lam: GAE λ.
+        kl_coef: β of the KL penalty (in the reward for PPO, in the loss for GRPO).
+        kl_estimator: ``k1`` | ``k2`` | ``k3`` | ``abs``.
+        adaptive_kl: adapt β toward ``kl_target`` over ``kl_horizon`` tokens (Ziegler et al.).
+        whiten_advantages: normalise advantages over policy tokens.
+        released_gae: run GAE/whitening/value loss over observation tokens too (released code).
+        grpo_group_size: samples per prompt for GRPO.
+    """
+
+    algorithm: str = "steppo"
+    ppo_epochs: int = 1
+    mini_batch_size: int = 32
+    micro_batch_size: int = 16
+    clip_eps: float = 0.2
+    value_clip: float = 0.5
+    entropy_coef: float = 0.001
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 1.0
+    kl_coef: float = 0.001
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    released_gae: bool = False
+    grpo_group_size: int = 5
+
+
+@dataclass
+class OptimSettings:
+    """AdamW for actor and critic with linear warmup (fraction of ``max_steps``) then constant."""
+
+    actor_lr: float = 5e-7
+    critic_lr: float = 5e-7
+    actor_warmup_ratio: float = 0.285
+    critic_warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+
+
+class StepSearchPPO(pl.LightningModule):
+    """Policy + value heads trained with step-wise PPO on search trajectories.
+
+    Args:
+        model: which policy/critic to load (name or path, dtype, critic layout, LoRA).
+        rollout: the multi-turn search protocol (turns, token limits, sampling).
+        rewards: reward switches and weights (METHOD.md §2).
+        ppo: PPO/GRPO hyperparameters.
+        optim: optimizers and schedules.
+        bootstrap: offline quickstart: make a tiny model and/or warm-start it before PPO.
+        log_samples_every_n_steps: log sample trajectories to MLflow every N PPO iterations.
+        num_logged_samples: trajectories per sample log.
+        seed: base seed of rollout sampling (iteration ``t`` samples with ``seed + t``).
+    """
+
+    def __init__(
+        self,
+        model: PolicySettings | None = None,
+        rollout: RolloutConfig | None = None,
+        rewards: RewardConfig | None = None,
+        ppo: PPOSettings | None = None,
+        optim: OptimSettings | None = None,
+        bootstrap: BootstrapSettings | None = None,
+        log_samples_every_n_steps: int = 10,
+        num_logged_samples: int = 8,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model_settings = model or PolicySettings()
+        self.rollout_config = rollout or RolloutConfig()
+        self.ppo = ppo or PPOSettings()
+        rewards = rewards or RewardConfig()
+        if self.ppo.algorithm == "ppo":  # Search-R1 baseline: the global answer reward only
+            rewards = replace(rewards, step_rewards=False, search_key_reward=False,
+                              information_gain=False, redundancy_penalty=False)
+        if self.ppo.algorithm not in ("steppo", "ppo", "grpo"):
+            raise ValueError(f"ppo.algorithm must be steppo, ppo or grpo, got {self.ppo.algorithm!r}")
+        self.reward_config = rewards
+        self.optim = optim or OptimSettings()
+        self.bootstrap = bootstrap
+        self.log_samples_every_n_steps = log_samples_every_n_steps
+        self.num_logged_samples = num_logged_samples
+        self.seed = seed
+        self.save_hyperparameters()
+        self.actor_critic: ActorCritic | None = None
+        self.engine = None
+        self.kl_controller = (
+            core.AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
+            if self.ppo.adaptive_kl else core.FixedKLController(self.ppo.kl_coef)
+        )
+        from stepsearch.evaluation import EvalAccumulator
+
+        self.val_metrics = EvalAccumulator()
+        self.history: dict[str, dict[str, float]] = {}
+
+    # ----------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Quickstart bootstrap on rank 0: make the tiny model, warm-start it (both idempotent)."""
+        if self.bootstrap is not None:
+            from stepsearch.sft import run_bootstrap
+
+            run_bootstrap(self.bootstrap, self.model_settings.name_or_path, self.rollout_config, self.trainer.datamodule)
+
+    def configure_model(self) -> None:
+        if self.actor_critic is not None:
+            return
+        self.actor_critic = ActorCritic(self.model_settings)
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        from stepsearch.rollout.engine import HFRolloutEngine
+
+        retriever = self.trainer.datamodule.retriever
+        self.engine = HFRolloutEngine(self.actor_critic.generation_model(), self.actor_critic.tokenizer,
+                                      retriever, self.rollout_config)
+
+    def configure_optimizers(self):
+        opts, scheds = [], []
+        total = max(int(self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches), 1)
+        groups = [(self.actor_critic.actor_parameters(), self.optim.actor_lr, self.optim.actor_warmup_ratio)]
+        if not self.actor_critic.shared_critic:
+            groups.append((self.actor_critic.critic_parameters(), self.optim.critic_lr, self.optim.critic_warmup_ratio))
+        for params, lr, warmup_ratio in groups:
+            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay)
+            warmup = max(int(warmup_ratio * total), 0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step, w=warmup: min(1.0, (step + 1) / (w + 1)) if w else 1.0)
+            opts.append(opt)
+            scheds.append(sched)
+        return opts, scheds
+
+    # -------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        from stepsearch.training import ppo_iteration
+
+        iteration = self.trainer.global_step
+        examples = list(batch)
+        if self.ppo.algorithm == "grpo":
+            examples = [ex for ex in examples for _ in range(self.ppo.grpo_group_size)]
+        t0 = time.perf_counter()
+        trajectory = self.engine.generate([ex.question for ex in examples], greedy=False,
+                                          seed=self.seed + 1000 * iteration + self.global_rank)
+        t1 = time.perf_counter()
+        scores = score_trajectories(trajectory.records, examples, self.reward_config)
+        placed = place_rewards(scores, trajectory, self.reward_config)
+        t2 = time.perf_counter()
+        stats = ppo_iteration(self, trajectory.to(self.device), placed.to(self.device), scores)
+        t3 = time.perf_counter()
+
+        metrics = {f"train/{k}": float(v) for k, v in summarize_scores(scores).items()}
+        metrics.update({f"train/{k}": float(v) for k, v in stats.items()})
+        tokens = float(trajectory.timing.get("tokens_generated", 0.0))
+        metrics.update({
+            "train/response_length": float(trajectory.loss_mask.sum(1).float().mean()),
+            "time/rollout_s": t1 - t0,
+            "time/retrieval_s": float(trajectory.timing.get("retrieval_s", 0.0)),
+            "time/generation_s": float(trajectory.timing.get("generation_s", 0.0)),
+            "time/reward_s": t2 - t1,
+            "time/update_s": t3 - t2,
+            "time/tokens_per_s": tokens / max(t1 - t0, 1e-9),
+            "train/kl_coef": float(self.kl_controller.value),
+        })
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(examples))
+        self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, batch_size=len(examples))
+        if self.log_samples_every_n_steps and iteration % self.log_samples_every_n_steps == 0:
+            from stepsearch.tracking import log_trajectory_samples
+
+            log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
+                                   f"samples/train_step{iteration:05d}", self.num_logged_samples)
+        self._count_one_iteration(iteration)
+
+    def _count_one_iteration(self, before: int) -> None:
+        """Make Lightning's optimizer-step counter advance by exactly one per PPO iteration."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        extra = progress.total.completed - (before + 1)
+        for tracker in (progress.total, progress.current):
+            tracker.ready -= extra
+            tracker.completed -= extra
+
+    # ------------------------------------------------------------ evaluation
+    def on_train_start(self) -> None:
+        """Validation at step 0: after any warm-start, before the first PPO update."""
+        if self.trainer.global_step != 0 or self.trainer.datamodule is None:
+            return
+        loader = self.trainer.datamodule.val_dataloader()
+        metrics = self.evaluate_loader(loader, prefix="val")
+        self.history["step0"] = metrics
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+
+    def evaluate_loader(self, loader, prefix: str) -> dict[str, float]:
+        self.val_metrics.reset()
+        for batch in loader:
+            self._eval_batch(batch, prefix)
+        return self.val_metrics.compute(prefix)
+
+    def _eval_batch(self, batch, prefix: str):
+        examples = list(batch)
+        trajectory = self.engine.generate([ex.question for ex in examples], greedy=True)
+        scores = score_trajectories(trajectory.records, examples, self.reward_config)
+        self.val_metrics.update(examples, trajectory, scores)
+        if self.val_metrics.samples is None:
+            self.val_metrics.samples = (trajectory, scores, examples)
+        return scores
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_batch(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_batch(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
+        metrics = self.val_metrics.compute(prefix)
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict(metrics, sync_dist=False)
+        self.history["last" if prefix == "val" else prefix] = metrics
+        if self.val_metrics.samples is not None:
+            from stepsearch.tracking import log_trajectory_samples
+
+            trajectory, scores, examples = self.val_metrics.samples
+            log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
+                                   f"samples/{prefix}_step{self.trainer.global_step:05d}", self.num_logged_samples)
+
+    def predict_step(self, batch, batch_idx):
+        examples = list(batch)
+        trajectory = self.engine.generate([ex.question for ex in examples], greedy=True)
+        return [{"id": ex.id, "question": ex.question, "prediction": rec.answer, "answers": ex.answers,
+                 "searches": [s.query for s in rec.steps]} for ex, rec in zip(examples, trajectory.records)]
+
+    def on_fit_end(self) -> None:
+        if self.global_rank == 0 and self.history:
+            from stepsearch.tracking import report_before_after
+
+            report_before_after(self.history, self.logger)

@@ -1,0 +1,263 @@
+"""Supervised warm-start on golden search trajectories, and the quickstart bootstrap.
+
+A golden trajectory is produced by the real rollout engine driven by a :class:`ScriptedPolicy`
+that writes, per hop, ``<think> sub-question </think>\\n<search> search key </search>`` and finally
+``<answer> gold </answer>``; the environment (real retriever) fills ``<information>``. So the
+warm-start data has exactly the token layout and masks of RL rollouts, and only policy tokens
+(loss mask 1) carry the cross-entropy loss. Trajectories whose retrieval missed a golden passage
+are dropped (the paper's filter idea: teach searching, not guessing).
+
+Not in the paper: the paper starts PPO from a pretrained/instruct LLM. A tiny offline model knows
+no protocol, so the quickstart warm-starts it on short chains (``hops``) and leaves longer chains
+to RL; the step-0 validation comes after this warm-start, so the logged gain is the RL's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TinyModelSettings:
+    """Make a tiny Qwen2-architecture model (offline) if ``out_dir`` holds none yet."""
+
+    out_dir: str = "runs/quickstart/tiny"
+    corpus_files: list[str] = field(default_factory=lambda: ["data/world/corpus.jsonl", "data/world/train.jsonl"])
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class WarmStartSettings:
+    """Supervised warm-start on golden trajectories (written to the policy's ``name_or_path``).
+
+    Args:
+        data: QA files with sub-questions (search keys + golden passages).
+        base: model to start from (defaults to the tiny model's ``out_dir``).
+        hops: keep only examples with these hop counts (short chains; RL gets the long ones).
+        max_examples: cap on warm-start examples.
+        epochs: passes over the golden trajectories.
+        lr: AdamW learning rate. batch_size: trajectories per step.
+        key_index: which search key of each hop to write (0 = the natural sub-question).
+        require_golden_hits: drop trajectories whose retrieval missed a golden passage.
+    """
+
+    data: list[str] = field(default_factory=lambda: ["data/world/train.jsonl"])
+    base: str | None = None
+    hops: list[int] | None = None
+    max_examples: int | None = None
+    epochs: int = 2
+    lr: float = 2e-3
+    batch_size: int = 16
+    key_index: int = 0
+    require_golden_hits: bool = True
+    seed: int = 0
+
+
+@dataclass
+class BootstrapSettings:
+    """What ``fit`` prepares before PPO when the policy does not exist yet (offline quickstart)."""
+
+    tiny: TinyModelSettings | None = None
+    warm_start: WarmStartSettings | None = None
+
+
+def golden_turns(example, key_index: int = 0) -> list[str]:
+    """The policy's turns of a golden trajectory: one search per hop, then the answer."""
+    turns = []
+    for sub in example.sub_questions:
+        if not sub.search_keys:
+            continue
+        key = sub.search_keys[min(key_index, len(sub.search_keys) - 1)]
+        turns.append(f"<think> {sub.question} </think>\n<search> {key} </search>")
+    turns.append(f"<answer> {example.answers[0]} </answer>")
+    return turns
+
+
+def _hit_all_golden(example, record) -> bool:
+    retrieved = {pid for step in record.steps for pid in step.passage_ids}
+    return all(g.id in retrieved for g in example.golden_passages)
+
+
+def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, key_index: int = 0,
+                                require_golden_hits: bool = True, batch_size: int = 32):
+    """Run the engine with a scripted policy; returns (trajectories, kept, dropped)."""
+    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.scripted import ScriptedPolicy
+
+    batches, kept, dropped = [], 0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        policy = ScriptedPolicy(tokenizer, [golden_turns(ex, key_index) for ex in chunk])
+        engine = HFRolloutEngine(policy, tokenizer, retriever, rollout_config)
+        trajectory = engine.generate([ex.question for ex in chunk], greedy=True)
+        keep = [i for i, ex in enumerate(chunk)
+                if not require_golden_hits or _hit_all_golden(ex, trajectory.records[i])]
+        kept += len(keep)
+        dropped += len(chunk) - len(keep)
+        if keep:
+            batches.append(_select(trajectory, keep))
+    return batches, kept, dropped
+
+
+def _select(trajectory, rows: list[int]):
+    import torch
+
+    from stepsearch.rollout.trajectory import Trajectory
+
+    index = torch.tensor(rows)
+    length = int(trajectory.attention_mask[index].sum(1).max())
+    return Trajectory(
+        input_ids=trajectory.input_ids[index, :length], attention_mask=trajectory.attention_mask[index, :length],
+        loss_mask=trajectory.loss_mask[index, :length], prompt_lengths=trajectory.prompt_lengths[index],
+        records=[trajectory.records[i] for i in rows], timing={},
+    )
+
+
+def sft_loss(model, input_ids, attention_mask, loss_mask):
+    """Mean cross-entropy over policy tokens (loss mask 1) only."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").view_as(mask)
+    return (nll * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def train_sft(model, trajectories, settings: WarmStartSettings, progress=None) -> list[float]:
+    """AdamW over shuffled golden trajectories; returns the per-step losses."""
+    import torch
+
+    rows = [(t, i) for t in trajectories for i in range(len(t))]
+    rng = random.Random(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    model.train()
+    losses = []
+    for _ in range(settings.epochs):
+        rng.shuffle(rows)
+        for start in range(0, len(rows), settings.batch_size):
+            chunk = rows[start:start + settings.batch_size]
+            length = max(int(t.attention_mask[i].sum()) for t, i in chunk)
+            ids = torch.stack([_pad(t.input_ids[i], length, 0) for t, i in chunk])
+            attn = torch.stack([_pad(t.attention_mask[i], length, 0) for t, i in chunk])
+            mask = torch.stack([_pad(t.loss_mask[i], length, 0) for t, i in chunk])
+            loss = sft_loss(model, ids, attn, mask)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+            if progress is not None:
+                progress(float(loss))
+    model.eval()
+    return losses
+
+
+def _pad(row, length: int, value: int):
+    import torch
+
+    row = row[:length]
+    return torch.nn.functional.pad(row, (0, length - row.shape[0]), value=value)
+
+
+def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_config,
+                   settings: WarmStartSettings) -> dict:
+    """Collect golden trajectories, train, save to ``out_dir``. Returns a summary dict."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from stepsearch.errors import StepSearchError
+    from stepsearch.models.loading import load_policy
+
+    model, tokenizer = load_policy(base)
+    if settings.hops:
+        examples = [ex for ex in examples if ex.num_hops in set(settings.hops)]
+    examples = [ex for ex in examples if ex.sub_questions]
+    if settings.max_examples:
+        examples = examples[: settings.max_examples]
+    if not examples:
+        raise StepSearchError("warm-start: no examples with sub-questions (and the requested hop counts) in its data")
+    console = Console()
+    console.print(f"warm-start: collecting golden trajectories for {len(examples)} examples")
+    trajectories, kept, dropped = collect_golden_trajectories(
+        examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits)
+    if kept == 0:
+        raise StepSearchError("warm-start: retrieval missed a golden passage in every golden trajectory; "
+                              "check the index was built from the same corpus as the data")
+    steps = settings.epochs * -(-kept // settings.batch_size)
+    with Progress(TextColumn("warm-start"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("sft", total=steps, loss=float("nan"))
+        losses = train_sft(model, trajectories, settings, progress=lambda loss: bar.update(task, advance=1, loss=loss))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    summary = {"examples": len(examples), "kept": kept, "dropped_missed_golden": dropped, "steps": len(losses),
+               "first_loss": losses[0], "last_loss": losses[-1], "base": base}
+    (out_dir / "warm_start.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"warm-start: {kept} trajectories ({dropped} dropped), loss {losses[0]:.3f} -> {losses[-1]:.3f}, saved to {out_dir}")
+    return summary
+
+
+def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config, datamodule) -> None:
+    """Make the tiny model and warm-start it, each only if its output is missing (idempotent)."""
+    from stepsearch.data.sources import load_examples
+
+    if settings.tiny is not None and not (Path(settings.tiny.out_dir) / "config.json").exists():
+        from stepsearch.models.tiny import make_tiny_model
+
+        t = settings.tiny
+        make_tiny_model(t.out_dir, list(t.corpus_files), vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                        intermediate_size=t.intermediate_size, seed=t.seed)
+    warm = settings.warm_start
+    if warm is not None and not (Path(policy_path) / "config.json").exists():
+        base = warm.base or (settings.tiny.out_dir if settings.tiny else None)
+        if base is None:
+            from stepsearch.errors import StepSearchError
+
+            raise StepSearchError("bootstrap.warm_start needs `base` (or bootstrap.tiny) to start from")
+        examples = [ex for path in warm.data for ex in load_examples(path)]
+        run_warm_start(base, policy_path, examples, datamodule.retriever, rollout_config, warm)
+
+
+def configure_sft(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="base policy: Hugging Face id or local directory")
+    parser.add_argument("--data", required=True, nargs="+", help="QA files with sub-questions (search keys, golden passages)")
+    parser.add_argument("--index", required=True, help="retrieval index built from the corpus of --data")
+    parser.add_argument("--out", required=True, help="output directory of the warm-started model")
+    parser.add_argument("--hops", type=int, nargs="*", default=None, help="keep only these hop counts")
+    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--template", default="think", choices=["think", "plan"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_sft(args: argparse.Namespace) -> int:
+    import torch
+
+    from stepsearch.data.sources import load_examples
+    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
+    from stepsearch.rollout.engine import RolloutConfig
+
+    torch.manual_seed(args.seed)
+    examples = [ex for path in args.data for ex in load_examples(path)]
+    settings = WarmStartSettings(data=args.data, hops=args.hops, max_examples=args.max_examples, epochs=args.epochs,
+                                 lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    retriever = build_retriever(RetrieverConfig(index=args.index))
+    run_warm_start(args.model, args.out, examples, retriever, RolloutConfig(template=args.template), settings)
+    return 0
