@@ -32,7 +32,7 @@ class EvalAccumulator:
         self.samples = None
 
     def update(self, examples, trajectory, scores) -> None:
-        preds = [rec.answer or "" for rec in trajectory.records]
+        preds = [score.answer or "" for score in scores]  # the reward's own parse: env blocks stripped
         golds = [ex.answers for ex in examples]
         self.em.update(preds, golds)
         self.f1.update(preds, golds)
@@ -75,7 +75,7 @@ def evaluate_examples(engine, examples, reward_config, batch_size: int = 16, pro
         acc.update(chunk, trajectory, scores)
         for ex, rec, score in zip(chunk, trajectory.records, scores):
             rows.append({"id": ex.id, "dataset": ex.dataset, "question": ex.question, "answers": ex.answers,
-                         "prediction": rec.answer, "em": score.answer_em, "f1": score.answer_f1,
+                         "prediction": score.answer, "em": score.answer_em, "f1": score.answer_f1,
                          "searches": [s.query for s in rec.steps], "response": rec.response_text})
         if progress is not None:
             progress(len(chunk))

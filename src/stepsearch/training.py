@@ -80,7 +80,7 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
         returns = torch.zeros_like(advantages)
     else:
         beta = module.kl_controller.value
-        token_rewards = core.kl_shaped_rewards(token_scores, old_logp, ref_logp, policy_mask, beta, cfg.kl_estimator)
+        token_rewards, _ = core.kl_shaped_rewards(token_scores, old_logp, ref_logp, policy_mask, beta, cfg.kl_estimator)
         advantages, returns = core.compute_gae(
             token_rewards, old_values, policy_mask, gamma=cfg.gamma, lam=cfg.lam,
             skip_masked=not cfg.released_gae, response_mask=response_mask,
@@ -130,7 +130,7 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
                                                       returns[rows_d, :width], vmask, clip=cfg.value_clip)
                     loss = loss + cfg.value_coef * v_loss
                     add("value_loss", v_loss.detach())
-                    add("value_clip_frac", v_stats.get("clip_frac", 0.0))
+                    add("value_clip_frac", v_stats.get("vf_clip_frac", 0.0))
                 module.manual_backward(loss * weight)
                 if critic_opt is not None and not grpo:
                     values = ac.critic_values(mb_ids, mb_attn).float()
@@ -138,7 +138,7 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
                                                       vmask, clip=cfg.value_clip)
                     module.manual_backward(v_loss * weight)
                     add("value_loss", v_loss.detach())
-                    add("value_clip_frac", v_stats.get("clip_frac", 0.0))
+                    add("value_clip_frac", v_stats.get("vf_clip_frac", 0.0))
                 add("policy_loss", pg_loss.detach())
                 add("entropy", entropy.detach())
                 add("clip_frac", pg_stats.get("clip_frac", 0.0))

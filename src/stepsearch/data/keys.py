@@ -133,15 +133,18 @@ def split_relation(text: str) -> tuple[str, str] | None:
 
 
 def dedup_keys(keys: list[str], forbidden: list[str] = ()) -> list[str]:
-    """Drop empty keys, keys equal (normalised) to a forbidden string, and normalised duplicates."""
-    seen = {normalize(f) for f in forbidden if f and normalize(f)}
+    """Drop empty keys, normalised duplicates, and keys that contain a forbidden string (the hop's
+    own answer, as whole words after normalisation): a key must not give the answer away."""
+    banned = [f" {normalize(f)} " for f in forbidden if f and normalize(f)]
+    seen: set[str] = set()
     out: list[str] = []
     for key in keys:
         key = " ".join(key.split()).strip(" ?")
         norm = normalize(key)
-        if norm and norm not in seen:
-            seen.add(norm)
-            out.append(key)
+        if not norm or norm in seen or any(b in f" {norm} " for b in banned):
+            continue
+        seen.add(norm)
+        out.append(key)
     return out
 
 
@@ -192,8 +195,10 @@ def overlap_keywords(question: str, passage_text: str, exclude: str = "") -> str
 
 
 def hotpot_hop_keys(question: str, title: str, support_text: str, first_bridge_hop: bool, answer: str = "") -> list[str]:
-    """Keys of one HotpotQA supporting paragraph: its title, the title with the question words its
-    supporting sentences contain, and (first hop of a bridge question) the question's keywords."""
+    """Keys of one HotpotQA supporting paragraph: its title with the question words its supporting
+    sentences contain, the title alone, and (first hop of a bridge question) the question's keywords.
+    When the title is the answer (the answer entity's own page), the title keys are dropped and the
+    question words are what is left to search with."""
     short = strip_parenthetical(title)
     overlap = overlap_keywords(question, support_text, exclude=title)
     keys = [f"{short} {overlap}".strip(), short]
@@ -201,7 +206,11 @@ def hotpot_hop_keys(question: str, title: str, support_text: str, first_bridge_h
         keys.append(title)
     if first_bridge_hop:
         keys.append(keyword_form(question))
-    return dedup_keys(keys, forbidden=[answer] if answer else [])
+    forbidden = [answer] if answer else []
+    out = dedup_keys(keys, forbidden=forbidden)
+    if not out:
+        out = dedup_keys([overlap, keyword_form(question)], forbidden=forbidden)
+    return out
 
 
 def mention_score(title: str, text: str) -> float:

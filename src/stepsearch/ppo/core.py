@@ -12,6 +12,8 @@ masked-out positions are exactly zero (inputs are masked with ``torch.where`` be
   released behaviour: the recursion runs over every response token (``response_mask``: after the
   prompt, not padding), observation tokens included. With γλ = 1 (the default) the discounted sum is
   a reverse cumulative sum, fully vectorised; otherwise a loop over the compacted length.
+- whitening is the caller's step: ``masked_whiten(advantages, mask)`` (the released code whitened
+  over all response tokens: pass ``response_mask`` for that); it returns 0 outside the mask.
 - policy loss: masked mean of max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(logπ − logπ_old) (the log
   ratio clamped to ±20 for stability, as in verl); value loss: 0.5·masked mean of
   max((V−R)², (V_old + clip(V−V_old, ±c) − R)²).
@@ -70,31 +72,40 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(m, whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[labels] for [..., V] logits and [...] labels, without a full log-softmax copy.
+def _over_token_chunks(fn, logits: Tensor, *others: Tensor, chunk_tokens: int) -> Tensor:
+    """Apply ``fn`` to [N, V] chunks of the flattened logits (bounds the float32 temporaries)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_others = [o.reshape(-1) for o in others]
+    pieces = []
+    for i in range(0, flat.shape[0], chunk_tokens):
+        chunk = _float(flat[i : i + chunk_tokens])
+        pieces.append(fn(chunk, *(o[i : i + chunk_tokens] for o in flat_others)))
+    if not pieces:
+        return _float(flat).new_zeros(logits.shape[:-1])
+    return torch.cat(pieces).reshape(logits.shape[:-1])
 
-    Half-precision logits are upcast to float32 one row at a time (bounded memory).
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, chunk_tokens: int = 1024) -> Tensor:
+    """log softmax(logits)[labels] for [..., V] logits and [...] labels.
+
+    Computed as picked logit − logsumexp, ``chunk_tokens`` positions at a time, so no full
+    log-softmax copy exists; half-precision logits are upcast to float32 chunk by chunk.
     """
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
-    rows = [
-        torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        for row, row_labels in zip(logits, labels)
-    ]
-    return torch.stack(rows)
+
+    def _picked(chunk: Tensor, chunk_labels: Tensor) -> Tensor:
+        return chunk.gather(-1, chunk_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(chunk, dim=-1)
+
+    return _over_token_chunks(_picked, logits, labels, chunk_tokens=chunk_tokens)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """H = logsumexp(l) − Σ softmax(l)·l over the last dim (half precision upcast row by row)."""
+def entropy_from_logits(logits: Tensor, chunk_tokens: int = 1024) -> Tensor:
+    """H = logsumexp(l) − Σ softmax(l)·l over the last dim, chunked like ``logprobs_from_logits``."""
 
-    def _entropy(x: Tensor) -> Tensor:
-        probs = torch.softmax(x, dim=-1)
-        return torch.logsumexp(x, dim=-1) - (probs * x).sum(-1)
+    def _entropy(chunk: Tensor) -> Tensor:
+        probs = torch.softmax(chunk, dim=-1)
+        return torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(-1)
 
-    if logits.dtype in (torch.float32, torch.float64):
-        return _entropy(logits)
-    return torch.stack([_entropy(row.float()) for row in logits])
+    return _over_token_chunks(_entropy, logits, chunk_tokens=chunk_tokens)
 
 
 def compute_gae(
@@ -246,7 +257,10 @@ def value_loss(
     mask: Tensor,
     clip: float = 0.5,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """0.5·masked mean of max((V−R)², (clip(V, V_old±clip) − R)²); stats (detached): vf_clip_frac, value_mean."""
+    """0.5·masked mean of max((V−R)², (clip(V, V_old±clip) − R)²).
+
+    Stats (detached): vf_clip_frac, value_mean.
+    """
     m = _bool(mask)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     values_m = torch.where(m, values, zero)

@@ -46,3 +46,23 @@ def split_contents(contents: str) -> tuple[str, str]:
     if sep and len(first) >= 2 and first[0] == '"' and first[-1] == '"':
         return first[1:-1], rest.strip()
     return "", contents.strip()
+
+
+def check_search_args(queries: list[str], k: int) -> None:
+    """Validate a ``search`` call the same way for every backend.
+
+    Raises :class:`~stepsearch.errors.RetrievalError` naming the problem: ``k`` must be a positive
+    integer, ``queries`` a list of strings, and no query may be empty (the message gives its
+    position in the batch, so a caller can find it).
+    """
+    from stepsearch.errors import RetrievalError
+
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise RetrievalError(f"k must be a positive integer (number of passages per query), got {k!r}")
+    if isinstance(queries, str) or not isinstance(queries, (list, tuple)):
+        raise RetrievalError(f"queries must be a list of strings, got {type(queries).__name__}")
+    for position, query in enumerate(queries):
+        if not isinstance(query, str):
+            raise RetrievalError(f"query at position {position} is {type(query).__name__}, not a string")
+        if not query.strip():
+            raise RetrievalError(f"query at position {position} is empty: give a non-empty search string")

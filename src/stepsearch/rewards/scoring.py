@@ -181,11 +181,13 @@ def place_rewards(scores: Sequence[TrajectoryScore], trajectory: Trajectory, con
 
     if step_rows:
         mask = trajectory.loss_mask
-        on_policy = mask[torch.tensor(step_rows, device=mask.device), torch.tensor(step_cols, device=mask.device)].bool()
+        index = (torch.tensor(step_rows, device=mask.device), torch.tensor(step_cols, device=mask.device))
+        on_policy = mask[index].bool()
         if not bool(on_policy.all()):
             bad = int((~on_policy).nonzero()[0, 0])
             raise ValueError(
-                f"trajectory {step_rows[bad]}: step reward position {step_cols[bad]} is not a policy token (loss_mask 0)"
+                f"trajectory {step_rows[bad]}: step reward position {step_cols[bad]} "
+                "is not a policy token (loss_mask 0)"
             )
     placed = torch.zeros(batch, length, dtype=torch.float32, device=device)
     placed.index_put_(

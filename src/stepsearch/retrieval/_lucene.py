@@ -1,0 +1,70 @@
+"""Access to Anserini's Java classes (the engine under Pyserini) with a quiet, configured JVM.
+
+We call the same Java classes that Pyserini's ``LuceneSearcher`` and ``LuceneIndexer`` wrap
+(``io.anserini.search.SimpleSearcher``, ``io.anserini.index.SimpleIndexer``) through
+``pyserini.pyclass``, which puts Pyserini's bundled Anserini jar on the classpath. Importing
+``pyserini.search.lucene`` instead would pull in torch, transformers and an OpenAI client (~6 s,
+and it fails with openai >= 2 when no key is set); the Java calls are identical.
+
+The JVM's INFO logging (log4j2) and Lucene's java.util.logging notice about new JDKs are lowered
+to warnings/severe so that commands print only what matters.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+from stepsearch.errors import RetrievalError
+
+
+@functools.cache
+def lucene() -> SimpleNamespace:
+    """Start the JVM once and return the Java classes we use (``SimpleSearcher``, ``SimpleIndexer``...)."""
+    from stepsearch.java import ensure_java
+
+    ensure_java()
+    try:
+        import pyserini.pyclass  # noqa: F401 - configures the classpath with Anserini's fat jar
+        from jnius import autoclass
+    except ImportError as err:  # pragma: no cover - pyserini is a hard dependency
+        raise RetrievalError(f"Pyserini is not installed ({err}); `pip install pyserini`") from None
+    _quiet_jvm_logging(autoclass)
+    return SimpleNamespace(
+        SimpleSearcher=autoclass("io.anserini.search.SimpleSearcher"),
+        SimpleIndexer=autoclass("io.anserini.index.SimpleIndexer"),
+        ArrayList=autoclass("java.util.ArrayList"),
+        String=autoclass("java.lang.String"),
+    )
+
+
+def _quiet_jvm_logging(autoclass) -> None:
+    try:
+        level = autoclass("org.apache.logging.log4j.Level")
+        configurator = autoclass("org.apache.logging.log4j.core.config.Configurator")
+        log_manager = autoclass("org.apache.logging.log4j.LogManager")
+        configurator.setAllLevels(log_manager.getRootLogger().getName(), level.WARN)
+        jul_manager = autoclass("java.util.logging.LogManager")
+        jul_level = autoclass("java.util.logging.Level")
+        # The root logger is held strongly by the LogManager; child loggers inherit its level.
+        jul_manager.getLogManager().getLogger("").setLevel(jul_level.SEVERE)
+    except Exception:  # noqa: BLE001 - logging is cosmetic; never fail retrieval over it
+        pass
+
+
+def java_error_message(err: BaseException) -> str:
+    """The first line of a Java exception's message, without the Java stack trace."""
+    text = str(err).strip()
+    text = text.removeprefix("JVM exception occurred: ")
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first[:300]
+
+
+def detach_thread() -> None:
+    """Detach the current thread from the JVM (call before a worker thread that used Java exits)."""
+    try:
+        import jnius
+
+        jnius.detach()
+    except Exception:  # noqa: BLE001 - not attached / JVM never started
+        pass

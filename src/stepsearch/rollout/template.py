@@ -1,0 +1,177 @@
+"""Prompt templates, action parsing and observation formatting (METHOD.md §1).
+
+Two named templates:
+
+- ``think`` (default): the Search-R1 prompt the paper's figures use — reasoning inside
+  ``<think>…</think>``, queries inside ``<search>…</search>``, results inside
+  ``<information>…</information>``, the final answer inside ``<answer>…</answer>``.
+- ``plan``: the released StepSearch training prompt (``scripts/data_process/musi_search.py``):
+  ``<plan>…</plan>`` instead of ``<think>``, and the model writes its own ``<observation>…</observation>``
+  about the returned documents. Departure from a literal reading of "``<observation>`` instead of
+  ``<information>``": the released prompt still returns results inside ``<information>``, so
+  :func:`format_observation` uses ``<information>`` for both templates.
+
+Parsing follows Search-R1: the first ``<search>…</search>`` or ``<answer>…</answer>`` pair of the
+turn's text is the action; the environment's notices go inside ``<warning>…</warning>``.
+Everything here is pure text; token-level work happens in :mod:`stepsearch.rollout.engine`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from stepsearch.retrieval.base import Passage
+
+TAGS = (
+    "<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>",
+    "<information>", "</information>", "<plan>", "</plan>", "<observation>", "</observation>",
+    "<warning>", "</warning>",
+)  # fmt: skip
+# Generation stops at the first of these (each turn ends with one action).
+STOP_TAGS = ("</search>", "</answer>")
+
+THINK_PROMPT = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every "
+    "time you get new information. After reasoning, if you find you lack some knowledge, you can call "
+    "a search engine by <search> query </search> and it will return the top searched results between "
+    "<information> and </information>. You can search as many times as your want. If you find no "
+    "further external knowledge needed, you can directly provide the answer inside <answer> and "
+    "</answer>, without detailed illustrations. For example, <answer> Beijing </answer>. "
+    "Question: {question}\n"
+)
+
+PLAN_PROMPT = (
+    "## Background\nYou are a deep AI research assistant with search tool\n You should first think "
+    "about your research plan or what to search for next. \n\n## Response format\n"
+    "1. You must make search plan inside <plan> and </plan> for in the beginning and after observation.\n"
+    "2. After plan, if you find you lack some knowledge, you can call a search engine by <search> search "
+    "keyword </search> and it will return the search results between <information> and </information>.\n"
+    "3. You must conduct observation inside <observation> and </observation> for EVERY searched document, "
+    "e.g.<observation>Based on retrieved inforamtion, Doc1 ....; Doc2...; Doc3 ...;</observation>\n"
+    "4. If you find no further external knowledge needed, you can directly provide the answer inside "
+    "<answer> and </answer> without detailed illustrations. For example, <answer> Beijing </answer>\n\n"
+    "Please follow the loop of plan, search, information, observation, plan ... until the you can answer "
+    "original question.\n Question: {question}\n"
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named prompt template: the instruction text and the tag that wraps retrieved documents."""
+
+    name: str
+    prompt: str  # with a ``{question}`` field
+    reasoning_tag: str  # "think" or "plan"
+    information_tag: str = "information"
+
+
+TEMPLATES: dict[str, Template] = {
+    "think": Template("think", THINK_PROMPT, "think"),
+    "plan": Template("plan", PLAN_PROMPT, "plan"),
+}
+
+INVALID_ACTION_WARNING = (
+    "My previous action is invalid. If I want to search, I should put the query between <search> and "
+    "</search>. If I want to give the final answer, I should put the answer between <answer> and "
+    "</answer>. Let me try again."
+)
+LAST_TURN_WARNING = (
+    "This is the last turn: no more searches are allowed. Give the final answer between <answer> and "
+    "</answer> now."
+)
+
+_ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Action:
+    """The first action of a turn: ``kind`` is "search", "answer" or None; ``end`` is the character
+    index just past its closing tag (-1 without an action); ``invalid`` names what was wrong when the
+    turn has no usable action ("no_action", "unclosed_tag", "empty_query"), else None."""
+
+    kind: str | None
+    content: str
+    end: int
+    invalid: str | None = None
+
+
+def get_template(template: str) -> Template:
+    try:
+        return TEMPLATES[template]
+    except KeyError:
+        from stepsearch.errors import StepSearchError
+
+        raise StepSearchError(f"unknown template {template!r}: choose one of {sorted(TEMPLATES)}") from None
+
+
+def normalize_question(question: str) -> str:
+    """Strip the question and append ``?`` if it does not end with one (as the released code does)."""
+    question = question.strip()
+    if not question.endswith("?"):
+        question += "?"
+    return question
+
+
+def format_prompt(
+    question: str, tokenizer=None, template: str = "think", use_chat_template: bool | None = None
+) -> str:
+    """The prompt text for one question: one user turn wrapped in the tokenizer's chat template when it
+    has one (and ``use_chat_template`` is not False), the raw instruction text otherwise."""
+    text = get_template(template).prompt.format(question=normalize_question(question))
+    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template is True and not has_template:
+        from stepsearch.errors import StepSearchError
+
+        raise StepSearchError("use_chat_template=True but the tokenizer has no chat template")
+    if has_template and use_chat_template is not False:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def parse_action(text: str, template: str = "think") -> Action:
+    """Parse the first ``<search>…</search>`` or ``<answer>…</answer>`` pair of a turn's text.
+
+    Both templates share the action tags, so ``template`` only validates the name. An empty search
+    query is reported as ``invalid="empty_query"`` (kind stays "search" so callers can log it).
+    """
+    get_template(template)
+    match = _ACTION_RE.search(text)
+    if match is None:
+        unclosed = "<search>" in text or "<answer>" in text
+        return Action(None, "", -1, "unclosed_tag" if unclosed else "no_action")
+    kind, content = match.group(1), match.group(2).strip()
+    invalid = "empty_query" if kind == "search" and not content else None
+    return Action(kind, content, match.end(), invalid)
+
+
+def extract_answer(text: str) -> str | None:
+    """Content of the last ``<answer>…</answer>`` block (stripped), None if there is none."""
+    answers = _ANSWER_RE.findall(text)
+    return answers[-1].strip() if answers else None
+
+
+def format_documents(passages: Sequence[Passage]) -> str:
+    """``Doc 1<## Title: … ##> text`` lines, one per passage."""
+    return "\n".join(f"Doc {i}<## Title: {p.title} ##> {p.text}" for i, p in enumerate(passages, 1))
+
+
+def format_observation(passages: Sequence[Passage], template: str = "think") -> str:
+    """``\\n\\n<information> Doc 1<## Title: {title} ##> {text}\\nDoc 2… </information>\\n\\n``."""
+    tag = get_template(template).information_tag
+    return f"\n\n<{tag}> {format_documents(passages)} </{tag}>\n\n"
+
+
+def observation_parts(template: str = "think") -> tuple[str, str]:
+    """The fixed head and tail around the documents, so a truncated observation keeps its closing tag."""
+    tag = get_template(template).information_tag
+    return f"\n\n<{tag}> ", f" </{tag}>\n\n"
+
+
+def format_warning(message: str) -> str:
+    """An environment notice: ``\\n\\n<warning> {message} </warning>\\n\\n``."""
+    return f"\n\n<warning> {message} </warning>\n\n"
