@@ -93,6 +93,6 @@ def _print_error(message: str) -> None:
         from rich.console import Console
         from rich.text import Text
 
-        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), message))
+        Console(stderr=True, soft_wrap=True).print(Text.assemble(("error: ", "bold red"), message))
     except ImportError:  # pragma: no cover
         print(f"error: {message}", file=sys.stderr)

@@ -97,7 +97,7 @@ def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, 
     batches, kept, dropped = [], 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        policy = ScriptedPolicy(tokenizer, [golden_turns(ex, key_index) for ex in chunk])
+        policy = ScriptedPolicy(tokenizer, [(ex.question, golden_turns(ex, key_index)) for ex in chunk])
         engine = HFRolloutEngine(policy, tokenizer, retriever, rollout_config)
         trajectory = engine.generate([ex.question for ex in chunk], greedy=True)
         keep = [i for i, ex in enumerate(chunk)

@@ -41,9 +41,23 @@ def _flatten(prefix: str, value, out: dict) -> None:
 class MLflowSaveConfigCallback(SaveConfigCallback):
     """Save the resolved config next to the run and into MLflow (artifact + flattened params)."""
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Lightning's version insists on a log directory, which MLflow (sqlite store) has none of.
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
         client, run_id = _mlflow_target(trainer.logger)
         if client is None:
+            from pathlib import Path
+
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, log_dir / self.config_filename, skip_none=False, overwrite=True,
+                             multifile=self.multifile)
             return
         text = self.parser.dump(self.config, skip_none=False)
         client.log_text(run_id, text, "config.yaml")

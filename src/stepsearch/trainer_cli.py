@@ -10,6 +10,7 @@ step-0 validation), resolved config logged to MLflow. Every Lightning flag appli
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -39,7 +40,7 @@ def run_lightning(argv: list[str]) -> StepSearchCLI:
     return StepSearchCLI(
         StepSearchPPO,
         StepSearchDataModule,
-        args=argv,
+        args=None if argv == sys.argv[1:] else argv,
         save_config_callback=MLflowSaveConfigCallback,
         save_config_kwargs={"overwrite": True},
         trainer_defaults=trainer_defaults(),

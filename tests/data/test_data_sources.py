@@ -159,3 +159,17 @@ def test_missing_source_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="no such local file, and loading it as a Hugging Face hub dataset failed"):
         load_examples(str(tmp_path / "nope" / "missing.jsonl"))
+
+
+def test_hotpot_hub_layout(tmp_path, raw_dir, read_raw):
+    """The hub's ``hotpot_qa`` rows hold context/supporting_facts as column dicts: same example."""
+    import json
+
+    row = json.loads((raw_dir / "hotpot_dev_distractor_sample.json").read_text(encoding="utf-8"))[0]
+    row["context"] = {"title": [t for t, _ in row["context"]], "sentences": [s for _, s in row["context"]]}
+    row["supporting_facts"] = {"title": [t for t, _ in row["supporting_facts"]], "sent_id": [i for _, i in row["supporting_facts"]]}
+    row["id"] = row.pop("_id")
+    path = tmp_path / "hotpot_qa_hub.jsonl"
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    (ex,) = read_examples(path).examples
+    assert ex == read_raw("hotpot_dev_distractor_sample.json").examples[0]

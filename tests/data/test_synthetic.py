@@ -219,6 +219,8 @@ def test_config_validation_and_hop_parsing():
     assert normalize_hops([2, 3]) == {2: 1.0, 3: 1.0}
     assert hop_counts(10, {1: 1, 2: 1, 3: 1}) == {1: 4, 2: 3, 3: 3}
     assert hop_counts(7, {2: 0.5, 3: 0.5}) == {2: 4, 3: 3}
+    config = WorldConfig(seed=4, train_hops="1:3,2:1")
+    assert WorldConfig(**config.to_json()) == config  # the manifest's form rebuilds the config
     with pytest.raises(StepSearchError, match="1..4"):
         WorldConfig(val_hops={5: 1.0})
     with pytest.raises(StepSearchError, match="hop:weight"):

@@ -20,7 +20,7 @@ def configure_data_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="stepsearch", choices=OUTPUT_FORMATS, help="output format (default: %(default)s)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--filter", action="store_true", help="build a BM25 index over the written corpus and keep only keys that retrieve their golden passage")
-    group.add_argument("--filter-index", metavar="DIR", help="filter keys with this existing BM25 index instead")
+    group.add_argument("--filter-index", metavar="DIR", help="filter keys with this existing index (BM25 or dense) instead")
     parser.add_argument("--filter-k", type=int, default=3, help="a key is kept if a golden passage is in its top-k (default: %(default)s)")
     parser.add_argument("--split", default=None, help="split to read when --input is a hub dataset")
     parser.add_argument("--strict", action="store_true", help="fail at the first bad row instead of skipping it")
@@ -50,21 +50,19 @@ def _skips_table(skipped, limit: int = 10):
     return table
 
 
-def _filter_index(args, corpus: Path, console) -> str:
-    """The index to filter with: --filter-index, or a fresh BM25 index next to the corpus."""
+def _filter_retriever(args, corpus: Path, console):
+    """The retriever that filters keys: --filter-index as it is, or a fresh BM25 index of the corpus
+    next to it (``<corpus stem>_bm25``, replaced on every build since the corpus was rewritten)."""
+    from stepsearch.retrieval.factory import load_retriever
+
     if args.filter_index:
-        return args.filter_index
-    import shutil
+        return load_retriever(args.filter_index)
+    from stepsearch.retrieval.index import build_index
 
     index_dir = corpus.with_name(corpus.stem + "_bm25")
-    if index_dir.exists():
-        if not any(index_dir.glob("segments_*")):
-            from stepsearch.errors import DataError
-
-            raise DataError(f"{index_dir}: exists and is not a Lucene index; remove it or pass --filter-index")
-        shutil.rmtree(index_dir)  # rebuilt: the corpus was just rewritten
-    console.print(f"building BM25 index {index_dir} over {corpus}")
-    return str(index_dir)
+    console.print(f"building BM25 index {index_dir}")
+    build_index(corpus, index_dir, "bm25")
+    return load_retriever(index_dir)
 
 
 def run_data_build(args: argparse.Namespace) -> int:
@@ -87,11 +85,7 @@ def run_data_build(args: argparse.Namespace) -> int:
     console.print(f"wrote corpus {corpus} ({result.summary.corpus_passages} passages)")
 
     if args.filter or args.filter_index:
-        from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
-
-        index = _filter_index(args, corpus, console)
-        config = RetrieverConfig(kind="bm25", index=index, corpus=None if args.filter_index else str(corpus))
-        retriever = build_retriever(config)
+        retriever = _filter_retriever(args, corpus, console)
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task(f"filtering keys (top-{args.filter_k})", total=None)
             stats = filter_search_keys(
@@ -111,7 +105,10 @@ def run_data_build(args: argparse.Namespace) -> int:
         table.add_row(name, value)
     Console().print(table)
     if result.summary.filtered:
-        Console().print(f"kept-keys ratio: {result.summary.kept_ratio:.3f} ({result.summary.keys_kept}/{result.summary.keys_checked})")
+        s = result.summary
+        Console().print(f"kept-keys ratio: {s.kept_ratio:.3f} ({s.keys_kept}/{s.keys_checked})")
+        if s.keys_checked and not s.keys_kept:
+            console.print("[yellow]warning:[/] no key retrieved its golden passage: is the filter index built over this corpus?")
     if result.skipped:
         console.print(_skips_table(result.skipped))
     return 0

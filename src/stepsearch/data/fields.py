@@ -112,5 +112,7 @@ def at(prefix: str):
     try:
         yield
     except RowError as err:
+        if prefix in err.reason:
+            raise
         reason = err.reason.replace("field '", f"field '{prefix}.", 1) if "field '" in err.reason else f"{prefix}: {err.reason}"
         raise RowError(err.kind, reason) from None

@@ -50,28 +50,10 @@ WRITABLE_FORMATS = ("stepsearch", "stepsearch_release", "searchr1_parquet")
 # ------------------------------------------------------------------------------- prompt text
 
 
-def _fallback_prompt(question: str) -> str:
-    """METHOD.md §1 wording, used only when ``stepsearch.rollout.template`` is unavailable."""
-    question = question.strip()
-    if not question.endswith("?"):
-        question += "?"
-    return (
-        "Answer the given question. You must conduct reasoning inside <think> and </think> every time you get "
-        "new information. If you lack some knowledge, you can call a search engine by <search> query </search> "
-        "and it will return the top searched results between <information> and </information>. You can search "
-        "as many times as you want. If you find no further external knowledge needed, you can directly provide "
-        "the answer inside <answer> and </answer>, without detailed illustrations. For example, "
-        f"<answer> Beijing </answer>. Question: {question}\n"
-    )
-
-
 def prompt_text(question: str, template: str = "think") -> str:
-    """The user-turn text of a question: :func:`stepsearch.rollout.template.format_prompt` (raw text,
-    no chat template) when that module is importable, else the fallback above."""
-    try:
-        from stepsearch.rollout.template import format_prompt
-    except ImportError:
-        return _fallback_prompt(question)
+    """The user-turn text of a question, as the rollout sees it (raw text, no chat template)."""
+    from stepsearch.rollout.template import format_prompt
+
     return format_prompt(question, template=template)
 
 

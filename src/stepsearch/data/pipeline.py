@@ -59,7 +59,7 @@ class BuildSummary:
 
     def table_rows(self) -> list[tuple[str, str]]:
         rows = [
-            ("source", f"{self.source} ({self.input})"),
+            ("source", f"{self.source}: {Path(self.input).name}"),
             ("rows read", str(self.rows)),
             ("examples", str(self.examples)),
             ("rows skipped", str(sum(self.skipped.values()))),
@@ -72,7 +72,7 @@ class BuildSummary:
         ]
         if self.filtered:
             rows += [
-                (f"keys checked (BM25 top-{self.filter_k})", str(self.keys_checked)),
+                (f"keys checked (retrieval top-{self.filter_k})", str(self.keys_checked)),
                 ("keys kept", f"{self.keys_kept} ({self.kept_ratio:.1%})"),
                 ("keys unfilterable (no golden)", str(self.keys_unfilterable)),
             ]

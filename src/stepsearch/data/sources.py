@@ -174,7 +174,9 @@ def read_examples(
         seen_ids.add(example.id)
         examples.append(example)
         for p in row_passages:
-            passages.setdefault(p.id, p)
+            known = passages.setdefault(p.id, p)
+            if (known.title, known.text) != (p.title, p.text):
+                raise DataError(f"{raw.source}:{raw.line}: paragraph {p.title!r} has the id {p.id!r} of another paragraph (hash collision)")
     if n_rows and not examples:
         raise DataError(
             f"{source}: none of {n_rows} rows could be read as format {fmt!r} (first: {skipped[0]}); "

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from stepsearch.data import world_names as wn
-from stepsearch.data.world_names import ENTITY_TYPES, RELATIONS, relation_patterns
 from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
+from stepsearch.data.world_names import ENTITY_TYPES, RELATIONS, relation_patterns
 from stepsearch.errors import DataError, StepSearchError
 
 GENERATOR_VERSION = 1
@@ -52,7 +52,7 @@ class WorldConfig:
     ``round(size * weight / total)`` questions of each hop count (largest remainder). The default
     trains on mostly short chains and evaluates on 2–4 hops: a supervised warm-start on the short
     train chains (filter on ``metadata["hops"]``) leaves the longer chains, seen in train only
-    sparsely, as headroom for RL. Sizes give ~1.5k passages and 2000/200/200 questions in ~1 s.
+    sparsely, as headroom for RL. Sizes give ~1.5k passages and 2000/200/200 questions in well under a second.
     """
 
     seed: int = 0

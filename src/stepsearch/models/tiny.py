@@ -186,6 +186,9 @@ def run_model_tiny(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own status line and table say what happens
     console = Console()
     if not args.corpus:
         console.print("[yellow]no --corpus given: the tokenizer is trained on the prompt texts only[/]")

@@ -13,6 +13,7 @@ to warnings/severe so that commands print only what matters.
 from __future__ import annotations
 
 import functools
+import re
 from types import SimpleNamespace
 
 from stepsearch.errors import RetrievalError
@@ -52,19 +53,9 @@ def _quiet_jvm_logging(autoclass) -> None:
         pass
 
 
-def java_error_message(err: BaseException) -> str:
-    """The first line of a Java exception's message, without the Java stack trace."""
-    text = str(err).strip()
-    text = text.removeprefix("JVM exception occurred: ")
+def java_error_message(err: BaseException, limit: int = 160) -> str:
+    """A Java exception as ``SimpleClassName: message``: first line only, no stack trace, short."""
+    text = str(err).strip().removeprefix("JVM exception occurred: ")
     first = text.splitlines()[0] if text else type(err).__name__
-    return first[:300]
-
-
-def detach_thread() -> None:
-    """Detach the current thread from the JVM (call before a worker thread that used Java exits)."""
-    try:
-        import jnius
-
-        jnius.detach()
-    except Exception:  # noqa: BLE001 - not attached / JVM never started
-        pass
+    first = re.sub(r"^(?:[a-z_][\w$]*\.)+(?=[A-Z])", "", first)  # org.apache.lucene.index.X -> X
+    return first if len(first) <= limit else first[: limit - 3] + "..."

@@ -13,8 +13,6 @@ import itertools
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from stepsearch.errors import RetrievalError
 from stepsearch.retrieval.base import Passage, check_search_args
 from stepsearch.retrieval.docstore import DocStore, DocStoreWriter

@@ -1,8 +1,7 @@
 """Building retrieval indexes from a JSONL corpus, and the metadata that says what an index is.
 
 ``build_index(corpus, index_dir, kind)`` validates the corpus line by line (see ``corpus.py``) and
-writes one of two layouts, always with a small ``stepsearch_index.json`` written last (so a
-half-built directory is never mistaken for an index):
+writes one of two layouts, always with a small ``stepsearch_index.json`` that says what it is:
 
 * ``bm25``: a Lucene index under ``index_dir/lucene``, built by Anserini's ``SimpleIndexer`` (the
   class behind Pyserini's ``LuceneIndexer``) from JsonCollection documents ``{"id", "contents"}``
@@ -10,7 +9,10 @@ half-built directory is never mistaken for an index):
   batches rather than writing a copy of it for ``IndexCollection``: one validating pass, a progress
   bar, and no second 14 GB file for wiki-18.
 * ``dense``: ``faiss.index`` (inner product over L2-normalised mean-pooled embeddings of
-  ``passage_prefix + title + text``; flat or HNSW) and a passage store (``passages.jsonl`` + offsets).
+  ``passage_prefix + contents``; flat or HNSW) and a passage store (``passages.jsonl`` + offsets).
+
+The build happens in a staging directory beside ``index_dir`` and is swapped in at the end, so a
+failed or interrupted build never leaves a half index and never destroys the previous one.
 
 A directory holding a plain Lucene index without our metadata (e.g. a Pyserini prebuilt wiki
 index) is accepted as ``bm25``.
@@ -19,23 +21,32 @@ index) is accepted as ``bm25``.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stepsearch.errors import DataError, RetrievalError
 from stepsearch.retrieval.corpus import SkippedLine, iter_corpus, write_corpus
 
+if TYPE_CHECKING:
+    from stepsearch.retrieval.encoder import TextEncoder
+
+logger = logging.getLogger(__name__)
+
 META_FILE = "stepsearch_index.json"
+SKIPPED_EXAMPLES = 5
 LUCENE_SUBDIR = "lucene"
 FORMAT_VERSION = 1
 INDEX_KINDS = ("bm25", "dense")
 DENSE_FAISS_KINDS = ("flat", "hnsw")
 # Files and folders an index build writes; a rebuild removes exactly these.
-_ARTEFACTS = (META_FILE, LUCENE_SUBDIR, "faiss.index", "passages.jsonl", "passages.offsets.npy")
+# (the metadata goes last when installing, so a reader never sees it before the data)
+_ARTEFACTS = (LUCENE_SUBDIR, "faiss.index", "passages.jsonl", "passages.offsets.npy", META_FILE)
 
 
 @dataclass
@@ -46,6 +57,7 @@ class IndexMeta:
     count: int
     corpus: str | None = None
     skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
     encoder: str | None = None
     query_prefix: str = ""
     passage_prefix: str = ""
@@ -88,21 +100,27 @@ def read_index_meta(index_dir: str | Path) -> IndexMeta:
     return meta
 
 
-def _prepare_dir(index_dir: Path) -> None:
+def _check_target(index_dir: Path) -> None:
+    """Refuse a file, or a non-empty directory that is not a stepsearch index (we never clobber it)."""
     if index_dir.exists() and not index_dir.is_dir():
         raise RetrievalError(f"index path exists and is a file: {index_dir}")
-    if index_dir.is_dir():
-        entries = list(index_dir.iterdir())
-        if entries and not (index_dir / META_FILE).exists():
-            raise RetrievalError(
-                f"{index_dir} exists, is not empty and is not a stepsearch index: choose a new or empty directory"
-            )
-        _remove_artefacts(index_dir)
+    if index_dir.is_dir() and any(index_dir.iterdir()) and not (index_dir / META_FILE).exists():
+        raise RetrievalError(
+            f"{index_dir} exists, is not empty and is not a stepsearch index: choose a new or empty directory"
+        )
+
+
+def _install(staging: Path, index_dir: Path) -> None:
+    """Replace the artefacts of ``index_dir`` with the freshly built ones in ``staging``."""
     index_dir.mkdir(parents=True, exist_ok=True)
+    _remove_artefacts(index_dir)
+    for name in _ARTEFACTS:
+        if (staging / name).exists():
+            (staging / name).rename(index_dir / name)
 
 
 def _remove_artefacts(index_dir: Path) -> None:
-    for name in _ARTEFACTS:
+    for name in reversed(_ARTEFACTS):  # metadata first: the directory stops being an index at once
         target = index_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -129,7 +147,7 @@ def build_index(
     index_dir: str | Path,
     kind: str = "bm25",
     *,
-    encoder: str | None = None,
+    encoder: str | TextEncoder | None = None,
     threads: int = 2,
     strict: bool = False,
     show_progress: bool = True,
@@ -144,7 +162,8 @@ def build_index(
     Bad corpus lines are skipped (count and first reasons printed) or, with ``strict``, raise
     :class:`DataError` naming ``file:line``. An existing stepsearch index in ``index_dir`` is
     replaced; a non-empty directory that is not one is refused. ``encoder``/prefixes/``faiss_index``/
-    ``batch_size``/``max_length`` only matter for ``dense`` (default encoder: the packaged MiniLM).
+    ``batch_size``/``max_length`` only matter for ``dense`` (default encoder: the packaged MiniLM;
+    a loaded ``TextEncoder`` is used as is).
     """
     if kind not in INDEX_KINDS:
         raise RetrievalError(f"unknown index kind {kind!r}: use one of {', '.join(INDEX_KINDS)}")
@@ -157,7 +176,11 @@ def build_index(
         raise DataError(f"corpus file not found: {corpus}" if not corpus.exists() else f"corpus is not a file: {corpus}")
     if corpus.stat().st_size == 0:
         raise DataError(f"corpus file is empty: {corpus}")
-    _prepare_dir(index_dir)
+    _check_target(index_dir)
+    index_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and swap in at the end: a failed or interrupted build leaves any
+    # previous index untouched and never a half-written one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.building-", dir=index_dir.parent))
     skipped: list[SkippedLine] = []
     started = time.perf_counter()
     try:
@@ -170,13 +193,13 @@ def build_index(
             if kind == "bm25":
                 from stepsearch.retrieval.bm25 import write_lucene_index
 
-                meta.count = write_lucene_index(passages, index_dir / LUCENE_SUBDIR, threads=threads)
+                meta.count = write_lucene_index(passages, staging / LUCENE_SUBDIR, threads=threads)
             else:
                 from stepsearch.retrieval.dense import write_dense_index
 
                 meta.count, meta.dim, meta.encoder = write_dense_index(
                     passages,
-                    index_dir,
+                    staging,
                     encoder=encoder,
                     passage_prefix=passage_prefix,
                     faiss_index=faiss_index,
@@ -187,26 +210,16 @@ def build_index(
                 )
                 meta.query_prefix, meta.passage_prefix = query_prefix, passage_prefix
                 meta.faiss_index, meta.max_length = faiss_index, max_length
-    except BaseException:
-        _remove_artefacts(index_dir)
-        raise
-    meta.skipped = len(skipped)
-    meta.build_seconds = round(time.perf_counter() - started, 3)
-    (index_dir / META_FILE).write_text(meta.to_json(), encoding="utf-8")
-    if skipped and show_progress:
-        _report_skipped(skipped)
+        meta.skipped = len(skipped)
+        meta.skipped_examples = [str(bad) for bad in skipped[:SKIPPED_EXAMPLES]]
+        meta.build_seconds = round(time.perf_counter() - started, 3)
+        (staging / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+        _install(staging, index_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if skipped:
+        logger.warning("skipped %d bad corpus line(s), first: %s", len(skipped), skipped[0])
     return index_dir
-
-
-def _report_skipped(skipped: list[SkippedLine], shown: int = 5) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    console.print(f"[yellow]skipped {len(skipped)} bad corpus line(s)[/] (use --strict to fail instead):")
-    for bad in skipped[:shown]:
-        console.print(f"  {bad}", markup=False, highlight=False)
-    if len(skipped) > shown:
-        console.print(f"  ... and {len(skipped) - shown} more")
 
 
 def build_index_from_passages(

@@ -1,12 +1,12 @@
-"""Batched generation of one turn with a KV cache (the Hugging Face backend of the rollout engine).
+"""Batched generation with a KV cache kept across turns (the Hugging Face rollout backend).
 
-``generate_turn`` left-pads the active contexts, prefills them in one forward pass, then decodes one
-token per step for the rows still running, with its own sampling (temperature + top-p through a
-seeded ``torch.Generator``, or greedy). A row stops at an EOS id, at a stop tag (``</search>``,
-``</answer>``) or at its token limit. Stop tags are detected by id when the tokenizer has them as
-single tokens, else by decoding the row's last few tokens when the new token contains ``>``. Rows
-that stop are dropped from the batch and from the cache (``Cache.batch_select_indices``), so compute
-goes to the rows still generating. Works with any module that has the Hugging Face causal-LM
+``DecodeSession`` keeps one KV cache for a rollout batch across its turns, so each turn only feeds
+the new tokens (the environment's text) instead of re-reading the whole context, then decodes one
+token per step with its own sampling (temperature + top-p through a seeded ``torch.Generator``, or
+greedy). A row stops at an EOS id, at a stop tag (``</search>``, ``</answer>``) or at its token
+limit. Stop tags are detected by id when the tokenizer has them as single tokens, else by decoding
+the row's last few tokens when the new token contains ``>``. Finished rows are dropped from the
+cache (``Cache.batch_select_indices``). Works with any module that has the Hugging Face causal-LM
 forward signature (``input_ids, attention_mask, position_ids, cache | past_key_values, use_cache,
 logits_to_keep``) and returns ``logits`` and the cache.
 """
@@ -47,10 +47,13 @@ class StopRule:
                 self.text_tags.append(tag)
         self.has_gt = torch.zeros(vocab_size, dtype=torch.bool)
         if self.text_tags:
-            # Only a token containing '>' can complete a tag: check those rows' decoded tails.
-            for token_id in range(min(vocab_size, len(tokenizer))):
-                if ">" in tokenizer.decode([token_id]):
-                    self.has_gt[token_id] = True
+            # Only a token containing '>' can complete a tag: check those rows' decoded tails. Token
+            # strings keep '>' as is (byte-level BPE maps printable ASCII to itself; SentencePiece
+            # byte pieces like <0x3E> contain one too), so this is a superset, found in one call.
+            count = min(vocab_size, len(tokenizer))
+            tokens = tokenizer.convert_ids_to_tokens(list(range(count)))
+            flags = [token is not None and ">" in token for token in tokens]
+            self.has_gt[:count] = torch.tensor(flags, dtype=torch.bool)
 
     def to(self, device) -> "StopRule":
         self.eos_t = torch.tensor(self.eos_ids, dtype=torch.long, device=device)
@@ -123,7 +126,9 @@ class ForwardAdapter:
 
     def __init__(self, model):
         self.model = model
-        params = inspect.signature(model.forward).parameters
+        # A PEFT wrapper forwards **kwargs to its base model: read the names off the base model.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
         self.cache_key = "cache" if "cache" in params else "past_key_values"
         self.keep_key = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
@@ -146,58 +151,111 @@ def select_cache_rows(cache, index: torch.Tensor):
     return tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
 
 
-@torch.no_grad()
-def generate_turn(
-    forward: ForwardAdapter,
-    contexts: list[list[int]],
-    max_new: list[int],
-    stop_rule: StopRule,
-    *,
-    pad_id: int,
-    greedy: bool,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    device=None,
-) -> list[TurnOutput]:
-    """Generate one turn for every context (left-padded batch, KV cache, finished rows dropped)."""
-    n_rows = len(contexts)
-    width = max(len(c) for c in contexts)
-    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n_rows, width), dtype=torch.long)
-    for row, ctx in enumerate(contexts):
-        input_ids[row, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
-        attention[row, width - len(ctx):] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = forward(input_ids, attention, positions, None)
-    next_pos = positions[:, -1:] + 1
+class DecodeSession:
+    """Batched generation over the turns of one rollout batch, with one KV cache kept across turns.
 
-    rows = list(range(n_rows))  # original row of each batch slot still generating
-    generated: list[list[int]] = [[] for _ in range(n_rows)]
-    limits = list(max_new)
-    results: list[TurnOutput | None] = [None] * n_rows
-    while True:
-        tokens = sample_next(logits, greedy, temperature, top_p, generator)
-        token_list = tokens.tolist()
-        for slot, row in enumerate(rows):
-            generated[row].append(token_list[slot])
-        reasons = stop_rule.classify(tokens, [generated[row] for row in rows])
-        keep: list[int] = []
-        for slot, row in enumerate(rows):
-            reason = reasons[slot] or ("length" if len(generated[row]) >= limits[row] else None)
-            if reason is None:
-                keep.append(slot)
-            else:
-                results[row] = TurnOutput(generated[row], reason)
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, dtype=torch.long, device=tokens.device)
-            cache = select_cache_rows(cache, index)
-            tokens, attention, next_pos = tokens[index], attention[index], next_pos[index]
-            rows = [rows[slot] for slot in keep]
-        attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
-        logits, cache = forward(tokens.unsqueeze(1), attention, next_pos, cache)
-        next_pos = next_pos + 1
-    return [r for r in results if r is not None]
+    Each turn feeds only what is new since the row's last forward pass (the whole prompt on the
+    first turn; afterwards the turn's last sampled token and the environment's text) as one chunk,
+    right-aligned so every row's last real token is in the last column; then decodes one token per
+    step. Row layout in the cache is "real tokens with holes": left padding of chunks and steps a
+    row sits out are masked columns, and position ids count real tokens only, so every row sees
+    exactly its own sequence. A row that stops on EOS is dropped at once (it is finished); a row
+    that stops on a tag or its limit waits, masked, until the turn ends, because the environment
+    will extend it; rows the caller no longer passes are dropped at the next turn. Requires an
+    attention implementation that takes arbitrary 2-D padding masks (eager, sdpa).
+    """
+
+    def __init__(self, forward: ForwardAdapter, stop_rule: StopRule, *, pad_id: int, device,
+                 greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None):
+        self.forward, self.stop_rule, self.pad_id, self.device = forward, stop_rule, pad_id, device
+        self.greedy, self.temperature, self.top_p, self.generator = greedy, temperature, top_p, generator
+        self.cache = None
+        self.attention: torch.Tensor | None = None  # [slots, columns] 1 on real tokens
+        self.keys: list = []  # caller's row key per cache slot
+        self.fed: list[int] = []  # real tokens of each slot already in the cache
+
+    def _keep(self, slots: list[int]) -> None:
+        if slots == list(range(len(self.keys))):
+            return
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.cache = select_cache_rows(self.cache, index)
+        self.attention = self.attention.index_select(0, index)
+        self.keys = [self.keys[i] for i in slots]
+        self.fed = [self.fed[i] for i in slots]
+
+    @torch.no_grad()
+    def run_turn(self, keys: list, contexts: list[list[int]], max_new: list[int]) -> list[TurnOutput]:
+        """Generate one turn for rows ``keys`` whose full token sequences are ``contexts``."""
+        if self.cache is None:
+            self.keys, self.fed = list(keys), [0] * len(keys)
+        else:
+            slot_of = {key: slot for slot, key in enumerate(self.keys)}
+            missing = [key for key in keys if key not in slot_of]
+            if missing:
+                raise RuntimeError(f"rows {missing[:5]} left the decode session earlier and cannot come back")
+            self._keep([slot_of[key] for key in keys])
+        logits = self._feed_new_tokens(contexts)
+        n_slots = len(keys)
+        limits = dict(zip(keys, max_new))
+        generated: dict = {key: [] for key in keys}
+        results: dict = {}
+        running = list(range(n_slots))  # slots still generating this turn
+        while True:
+            tokens = sample_next(logits.index_select(0, torch.tensor(running, device=logits.device)),
+                                 self.greedy, self.temperature, self.top_p, self.generator)
+            for slot, token in zip(running, tokens.tolist()):
+                generated[self.keys[slot]].append(token)
+            reasons = self.stop_rule.classify(tokens, [generated[self.keys[slot]] for slot in running])
+            still, fed_tokens, finished = [], [], []
+            for slot, token, reason in zip(running, tokens.tolist(), reasons):
+                key = self.keys[slot]
+                reason = reason or ("length" if len(generated[key]) >= limits[key] else None)
+                if reason is None:
+                    still.append(slot)
+                    fed_tokens.append(token)
+                else:
+                    results[key] = TurnOutput(generated[key], reason)
+                    if reason == "eos":
+                        finished.append(slot)
+            if not still:
+                break
+            if finished:  # finished rows leave the cache now; the others keep their slots
+                kept = [slot for slot in range(len(self.keys)) if slot not in set(finished)]
+                remap = {old: new for new, old in enumerate(kept)}
+                self._keep(kept)
+                still = [remap[slot] for slot in still]
+            logits, running = self._step(still, fed_tokens), still
+        return [results[key] for key in keys]
+
+    def _feed_new_tokens(self, contexts: list[list[int]]) -> torch.Tensor:
+        new = [ctx[fed:] for ctx, fed in zip(contexts, self.fed)]
+        width = max(len(chunk) for chunk in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        positions = torch.zeros((len(new), width), dtype=torch.long)
+        for slot, chunk in enumerate(new):
+            if chunk:
+                ids[slot, width - len(chunk):] = torch.tensor(chunk, dtype=torch.long)
+                mask[slot, width - len(chunk):] = 1
+                positions[slot, width - len(chunk):] = torch.arange(self.fed[slot], self.fed[slot] + len(chunk))
+            self.fed[slot] += len(chunk)
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        self.attention = mask if self.attention is None else torch.cat([self.attention, mask], dim=1)
+        logits, self.cache = self.forward(ids, self.attention, positions, self.cache)
+        return logits
+
+    def _step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to ``slots``; the other slots get a masked pad column."""
+        n_slots = len(self.keys)
+        ids = torch.full((n_slots, 1), self.pad_id, dtype=torch.long)
+        column = torch.zeros((n_slots, 1), dtype=torch.long)
+        positions = torch.tensor(self.fed, dtype=torch.long).unsqueeze(1)
+        index = torch.tensor(slots, dtype=torch.long)
+        ids[index, 0] = torch.tensor(tokens, dtype=torch.long)
+        column[index, 0] = 1
+        for slot in slots:
+            self.fed[slot] += 1
+        self.attention = torch.cat([self.attention, column.to(self.device)], dim=1)
+        logits, self.cache = self.forward(ids.to(self.device), self.attention, positions.to(self.device), self.cache)
+        return logits

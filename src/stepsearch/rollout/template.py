@@ -72,14 +72,16 @@ TEMPLATES: dict[str, Template] = {
     "plan": Template("plan", PLAN_PROMPT, "plan"),
 }
 
+# Search-R1's notice, reworded without tag pairs: a "<answer> and </answer>" inside an environment
+# notice would be read as an answer by anything that scans the response text.
 INVALID_ACTION_WARNING = (
-    "My previous action is invalid. If I want to search, I should put the query between <search> and "
-    "</search>. If I want to give the final answer, I should put the answer between <answer> and "
-    "</answer>. Let me try again."
+    "My previous action is invalid. If I want to search, I should put the query between the search "
+    "tags. If I want to give the final answer, I should put the answer between the answer tags. "
+    "Let me try again."
 )
 LAST_TURN_WARNING = (
-    "This is the last turn: no more searches are allowed. Give the final answer between <answer> and "
-    "</answer> now."
+    "This is the last turn: no more searches are allowed. I should give the final answer between the "
+    "answer tags now."
 )
 
 _ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
@@ -115,18 +117,23 @@ def normalize_question(question: str) -> str:
     return question
 
 
+def uses_chat_template(tokenizer, use_chat_template: bool | None = None) -> bool:
+    """Whether :func:`format_prompt` wraps the prompt in ``tokenizer``'s chat template."""
+    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    if use_chat_template is True and not has_template:
+        from stepsearch.errors import StepSearchError
+
+        raise StepSearchError("use_chat_template=True but the tokenizer has no chat template")
+    return has_template and use_chat_template is not False
+
+
 def format_prompt(
     question: str, tokenizer=None, template: str = "think", use_chat_template: bool | None = None
 ) -> str:
     """The prompt text for one question: one user turn wrapped in the tokenizer's chat template when it
     has one (and ``use_chat_template`` is not False), the raw instruction text otherwise."""
     text = get_template(template).prompt.format(question=normalize_question(question))
-    has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-    if use_chat_template is True and not has_template:
-        from stepsearch.errors import StepSearchError
-
-        raise StepSearchError("use_chat_template=True but the tokenizer has no chat template")
-    if has_template and use_chat_template is not False:
+    if uses_chat_template(tokenizer, use_chat_template):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )

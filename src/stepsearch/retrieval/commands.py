@@ -1,0 +1,252 @@
+"""CLI commands of the retrieval layer: ``index build``, ``search`` and ``serve``.
+
+Cheap to import: pyserini, faiss, torch and FastAPI load inside ``run_*``. Bad input raises
+:class:`~stepsearch.errors.StepSearchError` subclasses, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from stepsearch.errors import DataError, StepSearchError
+
+QUERY_FIELDS = ("query", "question")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------- index build
+
+
+def configure_index_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, help="JSONL corpus: {id, contents} (wiki-18) or {id, title, text}")
+    parser.add_argument("--index", required=True, help="output index directory (new, empty, or an index to replace)")
+    parser.add_argument("--kind", choices=("bm25", "dense"), default="bm25", help="index type (default: bm25)")
+    parser.add_argument("--threads", type=_positive_int, default=2, help="indexing threads (default: 2)")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad corpus line instead of skipping")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    dense = parser.add_argument_group("dense options")
+    dense.add_argument("--encoder", default=None, help="encoder name or local path (default: packaged all-MiniLM-L6-v2)")
+    dense.add_argument("--query-prefix", default="query: ", help="prefix recorded for queries (default: 'query: ')")
+    dense.add_argument("--passage-prefix", default="passage: ", help="prefix for passages (default: 'passage: ')")
+    dense.add_argument("--faiss", choices=("flat", "hnsw"), default="flat", help="FAISS index type (default: flat)")
+    dense.add_argument("--batch-size", type=_positive_int, default=64, help="encoding batch size (default: 64)")
+    dense.add_argument("--max-length", type=_positive_int, default=256, help="max tokens per passage (default: 256)")
+
+
+def run_index_build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from stepsearch.retrieval.index import build_index, read_index_meta
+
+    index_dir = build_index(
+        args.corpus,
+        args.index,
+        args.kind,
+        encoder=args.encoder,
+        threads=args.threads,
+        strict=args.strict,
+        show_progress=not args.quiet,
+        query_prefix=args.query_prefix,
+        passage_prefix=args.passage_prefix,
+        faiss_index=args.faiss,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    meta = read_index_meta(index_dir)
+    if meta.skipped:
+        errors = Console(stderr=True)
+        errors.print(f"[yellow]skipped {meta.skipped} bad corpus line(s)[/] (--strict fails instead):", soft_wrap=True)
+        for example in meta.skipped_examples:
+            errors.print(f"  {example}", markup=False, highlight=False, soft_wrap=True)
+        if meta.skipped > len(meta.skipped_examples):
+            errors.print(f"  ... and {meta.skipped - len(meta.skipped_examples)} more")
+    table = Table(title=f"{meta.kind} index built", show_header=False)
+    table.add_row("index", str(index_dir))
+    table.add_row("corpus", str(meta.corpus))
+    table.add_row("passages", f"{meta.count:,}")
+    table.add_row("skipped lines", str(meta.skipped))
+    if meta.kind == "dense":
+        table.add_row("encoder", f"{meta.encoder} ({meta.dim}-d, FAISS {meta.faiss_index})")
+    table.add_row("seconds", f"{meta.build_seconds:.1f}")
+    Console().print(table)
+    return 0
+
+
+# ----------------------------------------------------------------------------- search
+
+
+def configure_search(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("query", nargs="?", help="one query (prints a table); or use --queries FILE")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index", help="index directory (bm25 or dense, detected)")
+    source.add_argument("--url", help="search a running service instead (http://HOST:PORT)")
+    parser.add_argument("--queries", help="file of queries: JSONL with a 'query' field, or one query per line")
+    parser.add_argument("--output", help="JSONL output for --queries (default: stdout)")
+    parser.add_argument("-k", "--k", type=_positive_int, default=3, help="passages per query (default: 3)")
+    parser.add_argument("--threads", type=_positive_int, default=2, help="search threads (default: 2)")
+    parser.add_argument("--batch-size", type=_positive_int, default=1000, help="queries per batch call (default: 1000)")
+    parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
+    parser.add_argument("--bm25-k1", type=float, default=0.9, help="BM25 k1 (default: 0.9)")
+    parser.add_argument("--bm25-b", type=float, default=0.4, help="BM25 b (default: 0.4)")
+
+
+def read_queries(path: str | Path) -> list[str]:
+    """Queries from JSONL (``query`` or ``question`` field) or plain lines; blank lines are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"queries file not found: {path}")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(n, line.strip()) for n, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
+        raise DataError(f"queries file is empty: {path}")
+    if not numbered[0][1].startswith("{"):
+        return [line for _, line in numbered]
+    queries = []
+    for line_no, line in numbered:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_no}: malformed JSON ({err.msg})") from None
+        query = next((record[f] for f in QUERY_FIELDS if isinstance(record, dict) and f in record), None)
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f'{path}:{line_no}: needs a non-empty string field "query"')
+        queries.append(query)
+    return queries
+
+
+def _open_retriever(args: argparse.Namespace):
+    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
+    from stepsearch.retrieval.index import read_index_meta
+
+    if args.url:
+        return build_retriever(RetrieverConfig(kind="http", url=args.url))
+    meta = read_index_meta(args.index)
+    return build_retriever(
+        RetrieverConfig(
+            kind=meta.kind, index=args.index, encoder=args.encoder, threads=args.threads,
+            bm25_k1=args.bm25_k1, bm25_b=args.bm25_b,
+        )
+    )
+
+
+def run_search(args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.queries is None):
+        raise StepSearchError("give either one query (positional) or --queries FILE, not both/neither")
+    if args.query is not None and not args.query.strip():
+        raise StepSearchError("the query is empty: give a non-empty search string")
+    if args.output and not args.queries:
+        raise StepSearchError("--output needs --queries FILE")
+    queries = [args.query] if args.query is not None else read_queries(args.queries)
+    retriever = _open_retriever(args)
+    if args.query is not None:
+        _print_hits(args.query, retriever.search([args.query], args.k)[0])
+        return 0
+    _search_to_jsonl(retriever, queries, args.k, args.batch_size, args.output)
+    return 0
+
+
+def _print_hits(query: str, hits) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"top {len(hits)} for: {query}", show_lines=True)
+    table.add_column("#", style="bold")
+    table.add_column("score", style="cyan")
+    table.add_column("id", style="magenta", no_wrap=True)
+    table.add_column("title", style="green", overflow="fold", ratio=1)
+    table.add_column("text", overflow="fold", ratio=3)
+    for rank, hit in enumerate(hits, start=1):
+        text = hit.text if len(hit.text) <= 200 else hit.text[:197] + "..."
+        table.add_row(str(rank), f"{hit.score:.3f}", hit.id, hit.title, text)
+    Console().print(table if hits else f"no passage matches: {query}")
+
+
+def _search_to_jsonl(retriever, queries: list[str], k: int, batch_size: int, output: str | None) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    handle = open(output, "w", encoding="utf-8") if output else sys.stdout  # noqa: SIM115
+    started = time.perf_counter()
+    try:
+        with Progress(console=console, disable=output is None, transient=True) as progress:
+            task = progress.add_task("searching", total=len(queries))
+            for start in range(0, len(queries), batch_size):
+                batch = queries[start : start + batch_size]
+                try:
+                    results = retriever.search(batch, k)
+                except StepSearchError as err:
+                    raise type(err)(f"{err} (query {start + 1} onwards in the file)") from None
+                for query, hits in zip(batch, results):
+                    record = {"query": query, "hits": [{"id": h.id, "title": h.title, "score": h.score} for h in hits]}
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                progress.advance(task, len(batch))
+    finally:
+        if output:
+            handle.close()
+    seconds = time.perf_counter() - started
+    if output:
+        rate = len(queries) / max(seconds, 1e-9)
+        console.print(f"wrote {len(queries)} results to {output} ({rate:.0f} queries/s)", soft_wrap=True, highlight=False)
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="index directory (bm25 or dense, detected)")
+    parser.add_argument("--corpus", default=None, help="build a bm25 index from this JSONL first if --index is missing")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, local only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--threads", type=_positive_int, default=2, help="search threads (default: 2)")
+    parser.add_argument("--cache-size", type=int, default=0, help="LRU cache entries (default: 0 = off)")
+    parser.add_argument("--topk", type=_positive_int, default=3, help="default topk when a request has none")
+    parser.add_argument("--max-batch", type=_positive_int, default=512, help="max queries per request")
+    parser.add_argument("--max-query-chars", type=_positive_int, default=4096, help="max characters per query")
+    parser.add_argument("--max-topk", type=_positive_int, default=100, help="max topk per request")
+    parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
+    from stepsearch.retrieval.index import read_index_meta
+    from stepsearch.retrieval.server import create_app, run_server
+
+    if not 0 <= args.port <= 65535:
+        raise StepSearchError(f"--port must be between 0 and 65535, got {args.port}")
+    kind = "bm25"
+    if not args.corpus or Path(args.index).exists():
+        kind = read_index_meta(args.index).kind
+    config = RetrieverConfig(
+        kind=kind, index=args.index, corpus=args.corpus, encoder=args.encoder,
+        threads=args.threads, cache_size=max(args.cache_size, 0),
+    )
+    retriever = build_retriever(config)
+    app = create_app(
+        retriever, max_batch=args.max_batch, max_query_chars=args.max_query_chars,
+        max_topk=args.max_topk, default_topk=args.topk,
+    )
+    console = Console(stderr=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] binding {args.host}: the service has no authentication", soft_wrap=True)
+    console.print(f"serving {kind} index {args.index} at http://{args.host}:{args.port}/retrieve (Ctrl-C stops)",
+                  soft_wrap=True, highlight=False)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

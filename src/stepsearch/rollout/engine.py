@@ -1,0 +1,397 @@
+"""The rollout engine: multi-turn search-and-answer generation for a batch of questions (METHOD.md §1).
+
+Turn loop, for every trajectory still active, up to ``max_turns``:
+
+1. generate until ``</search>``, ``</answer>``, EOS or ``max_response_tokens`` (one batched call);
+2. parse the first action: an answer ends the trajectory; a search goes, with every other search of
+   this turn, to ONE batched ``retriever.search`` call, and its ``<information>`` block is appended;
+   anything else (no tags, unclosed tag, empty query) appends an invalid-action ``<warning>``;
+3. on the last turn the appended text also carries the no-more-searches warning;
+4. after the loop, active trajectories get one final generation with search disabled (a search there
+   is recorded as ``search_on_last_turn`` and ends the trajectory).
+
+Sequences are built from token ids at concatenation time: policy tokens exactly as sampled (loss
+mask 1), environment text (observations, warnings and their newlines) tokenized on its own and
+inserted by id (loss mask 0). Nothing is re-tokenized from decoded text. An EOS without an answer
+ends the trajectory (recorded as an invalid action); Search-R1 instead dropped the EOS when it
+re-tokenized the text and went on. The context is capped at ``max_context_tokens``.
+
+Backends implement one method, ``_generate_turn`` (contexts in, generated ids out): the Hugging Face
+engine (batched KV-cache decoding, :mod:`stepsearch.rollout.decoding`) and a vLLM engine for GPUs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from stepsearch.errors import StepSearchError
+from stepsearch.retrieval.base import Passage, Retriever
+from stepsearch.rollout import template as tpl
+from stepsearch.rollout.decoding import DecodeSession, ForwardAdapter, StopRule, TurnOutput
+from stepsearch.rollout.trajectory import SearchStep, Trajectory, TrajectoryRecord
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout settings (defaults: the paper's). Token limits are per turn, except the context cap."""
+
+    max_turns: int = 5
+    max_response_tokens: int = 800  # per generation turn
+    max_observation_tokens: int = 800  # per <information> block
+    max_context_tokens: int = 4096  # prompt + response
+    top_k: int = 3  # documents per search
+    template: str = "think"  # "think" or "plan" (stepsearch.rollout.template.TEMPLATES)
+    use_chat_template: bool | None = None  # None: when the tokenizer has one
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int | None = None  # default seed of generate(); None draws a fresh one
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_turns >= 0, "max_turns must be >= 0"),
+            (self.max_response_tokens >= 1, "max_response_tokens must be >= 1"),
+            (self.max_observation_tokens >= 1, "max_observation_tokens must be >= 1"),
+            (self.max_context_tokens >= 1, "max_context_tokens must be >= 1"),
+            (self.top_k >= 1, "top_k must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise StepSearchError(f"rollout config: {message}")
+        tpl.get_template(self.template)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Turns questions into a :class:`Trajectory` batch (sampled, or greedy for evaluation)."""
+
+    def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None) -> Trajectory: ...
+
+
+@dataclass
+class _Row:
+    """One trajectory under construction: the prompt ids and the response pieces, each a list of ids
+    with a flag saying whether the policy generated it."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    pieces: list[tuple[list[int], bool]] = field(default_factory=list)
+    length: int = 0
+    record: TrajectoryRecord | None = None
+    done: bool = False
+    # What the environment owes this row after the current turn: ("search", query, end_index) or
+    # ("invalid",), and the passages once retrieved.
+    pending: tuple | None = None
+    passages: list[Passage] | None = None
+
+    def context(self) -> list[int]:
+        ids = list(self.prompt_ids)
+        for piece, _ in self.pieces:
+            ids.extend(piece)
+        return ids
+
+    def add(self, ids: list[int], policy: bool) -> int:
+        """Append a piece; return the row index of its first token."""
+        start = self.length
+        self.pieces.append((list(ids), policy))
+        self.length += len(ids)
+        return start
+
+
+class TurnLoopEngine:
+    """The environment protocol shared by every backend; subclasses provide ``_generate_turn``."""
+
+    def __init__(self, tokenizer, retriever: Retriever, config: RolloutConfig | None = None):
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.config = config or RolloutConfig()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        head, tail = tpl.observation_parts(self.config.template)
+        self._obs_head = self._encode(head)
+        self._obs_tail = self._encode(tail)
+
+    # --- backend hooks ---------------------------------------------------------------------------
+    def _generate_turn(self, keys: list[int], contexts: list[list[int]], max_new: list[int], greedy: bool,
+                       generator: torch.Generator | None) -> list[TurnOutput]:
+        """Generate one turn for the rows ``keys`` (stable row numbers within this ``generate`` call)
+        whose full token sequences are ``contexts``, at most ``max_new[i]`` tokens each."""
+        raise NotImplementedError
+
+    def _begin(self, seed: int | None, greedy: bool) -> torch.Generator | None:
+        generator = torch.Generator()
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        return generator
+
+    def _end(self) -> None:
+        pass
+
+    # --- the turn loop ---------------------------------------------------------------------------
+    def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None) -> Trajectory:
+        cfg = self.config
+        seed = cfg.seed if seed is None else seed
+        rows = [self._new_row(q) for q in questions]
+        timing = {"generation_s": 0.0, "retrieval_s": 0.0, "tokens_generated": 0.0, "turns": 0.0,
+                  "retrieval_calls": 0.0}
+        generator = self._begin(seed, greedy)
+        try:
+            for turn in range(cfg.max_turns + 1):
+                final = turn == cfg.max_turns
+                keys = [b for b, row in enumerate(rows) if not row.done and self._room(row, truncate=True) > 0]
+                if not keys:
+                    break
+                active = [rows[b] for b in keys]
+                timing["turns"] += 1
+                limits = [min(cfg.max_response_tokens, self._room(row)) for row in active]
+                start = time.perf_counter()
+                outputs = self._generate_turn(keys, [row.context() for row in active], limits, greedy, generator)
+                timing["generation_s"] += time.perf_counter() - start
+                for row, out in zip(active, outputs):
+                    timing["tokens_generated"] += len(out.ids)
+                    self._take_turn(row, out, final)
+                searching = [row for row in active if row.pending and row.pending[0] == "search"]
+                results = self._retrieve([row.pending[1] for row in searching], timing)
+                for row, passages in zip(searching, results):
+                    row.record.steps.append(SearchStep(
+                        query=row.pending[1], passage_ids=[p.id for p in passages],
+                        passage_titles=[p.title for p in passages], passage_texts=[p.text for p in passages],
+                        end_index=row.pending[2], turn=turn,
+                    ))
+                    row.passages = passages
+                for row in active:
+                    if row.pending and not row.done:
+                        self._insert_environment(row, turn)
+                    row.pending, row.passages = None, None
+        finally:
+            self._end()
+        timing["tokens_per_s"] = timing["tokens_generated"] / max(timing["generation_s"], 1e-9)
+        return self._collate(rows, timing)
+
+    def _new_row(self, question: str) -> _Row:
+        cfg = self.config
+        text = tpl.format_prompt(question, self.tokenizer, cfg.template, cfg.use_chat_template)
+        templated = tpl.uses_chat_template(self.tokenizer, cfg.use_chat_template)
+        # A chat template already holds any BOS; raw text gets the tokenizer's usual specials.
+        ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        row = _Row(prompt_text=text, prompt_ids=list(ids), length=len(ids))
+        row.record = TrajectoryRecord(prompt_text=text, response_text="", answer=None)
+        return row
+
+    def _room(self, row: _Row, truncate: bool = False) -> int:
+        room = self.config.max_context_tokens - row.length
+        if room <= 0 and truncate and not row.done:
+            row.done, row.record.truncated = True, True
+        return room
+
+    def _take_turn(self, row: _Row, out: TurnOutput, final: bool) -> None:
+        """Record the policy's turn and decide what the environment does next (``row.pending``)."""
+        record = row.record
+        record.num_turns += 1
+        start = row.add(out.ids, policy=True)
+        action = tpl.parse_action(self._decode(out.ids), self.config.template)
+        if action.kind == "answer":
+            row.done, record.finished = True, True
+            if not record.steps:
+                record.invalid_actions.append("answer_without_search")
+            return
+        if action.kind == "search" and action.invalid is None:
+            if final:
+                record.invalid_actions.append("search_on_last_turn")
+                row.done = True
+            elif out.stop == "eos":  # only reachable if a backend missed the stop tag
+                record.invalid_actions.append("search_then_eos")
+                row.done, record.finished = True, True
+            else:
+                row.pending = ("search", action.content, start + self._last_token_of(out.ids, action.end))
+        else:
+            record.invalid_actions.append(action.invalid or "no_action")
+            if out.stop == "eos":
+                row.done, record.finished = True, True
+            elif final:
+                row.done = True
+            else:
+                row.pending = ("invalid",)
+        if not row.done and self._room(row) <= 0:  # no room left for what the environment would say
+            row.done, record.truncated, row.pending = True, True, None
+
+    def _last_token_of(self, ids: list[int], char_end: int) -> int:
+        """Index (within ``ids``) of the token that completes the text up to ``char_end``."""
+        index = len(ids) - 1
+        while index > 0 and len(self._decode(ids[:index])) >= char_end:
+            index -= 1
+        return index
+
+    def _retrieve(self, queries: list[str], timing: dict) -> list[list[Passage]]:
+        if not queries:
+            return []
+        start = time.perf_counter()
+        results = self.retriever.search(queries, self.config.top_k)
+        timing["retrieval_s"] += time.perf_counter() - start
+        timing["retrieval_calls"] += 1
+        if len(results) != len(queries):
+            raise StepSearchError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
+        return results
+
+    def _insert_environment(self, row: _Row, turn: int) -> None:
+        """Append the observation or the invalid-action warning, plus the last-turn warning on the last
+        turn (all loss mask 0), within the context cap."""
+        cfg = self.config
+        if row.pending[0] == "search":
+            ids = self._observation_ids(row.passages)
+        else:
+            ids = self._encode(tpl.format_warning(tpl.INVALID_ACTION_WARNING))
+        if turn == cfg.max_turns - 1:
+            warning = tpl.format_warning(tpl.LAST_TURN_WARNING)
+            ids += self._encode(warning.lstrip("\n") if ids else warning)
+        room = self._room(row)
+        if len(ids) >= room:
+            ids, row.done, row.record.truncated = ids[:room], True, True
+        if ids:
+            row.add(ids, policy=False)
+
+    def _observation_ids(self, passages: list[Passage]) -> list[int]:
+        """The observation's ids; over ``max_observation_tokens`` the documents are cut, the closing
+        tag kept."""
+        full = self._encode(tpl.format_observation(passages, self.config.template))
+        if len(full) <= self.config.max_observation_tokens:
+            return full
+        body = self._encode(tpl.format_documents(passages))
+        budget = self.config.max_observation_tokens - len(self._obs_head) - len(self._obs_tail)
+        return self._obs_head + body[: max(budget, 0)] + self._obs_tail
+
+    def _collate(self, rows: list[_Row], timing: dict) -> Trajectory:
+        width = max((row.length for row in rows), default=0)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            position = len(row.prompt_ids)
+            input_ids[b, :position] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            response: list[int] = []
+            policy_ids: list[int] = []
+            for piece, policy in row.pieces:
+                if piece:
+                    input_ids[b, position:position + len(piece)] = torch.tensor(piece, dtype=torch.long)
+                    loss_mask[b, position:position + len(piece)] = int(policy)
+                position += len(piece)
+                response.extend(piece)
+                policy_ids.extend(piece if policy else [])
+            attention[b, :position] = 1
+            row.record.response_text = self._decode(response, skip_special=True)
+            # The answer comes from the policy's own text: retrieved passages may contain anything.
+            row.record.answer = tpl.extract_answer(self._decode(policy_ids, skip_special=True))
+        prompt_lengths = torch.tensor([len(row.prompt_ids) for row in rows], dtype=torch.long)
+        return Trajectory(input_ids, attention, loss_mask, prompt_lengths, [r.record for r in rows], timing)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids from the tokenizer and the model's generation config (chat models have several)."""
+    ids = {tokenizer.eos_token_id}
+    generation_config = getattr(model, "generation_config", None)
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+class HFRolloutEngine(TurnLoopEngine):
+    """The turn loop on a Hugging Face causal LM: batched KV-cache decoding with left padding.
+
+    Holds a reference to ``model`` (PPO updates it in place between calls); runs it in eval mode
+    under ``no_grad`` and restores its train/eval mode afterwards.
+    """
+
+    def __init__(self, model, tokenizer, retriever: Retriever, config: RolloutConfig | None = None):
+        super().__init__(tokenizer, retriever, config)
+        self.model = model
+        self._forward = ForwardAdapter(model)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+        self._stop = StopRule(tokenizer, eos_token_ids(model, tokenizer), max(vocab, len(tokenizer)))
+        self._was_training = False
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.model, "device", None)
+        if isinstance(device, torch.device):
+            return device
+        tensor = next(self.model.parameters(), None)
+        tensor = tensor if tensor is not None else next(self.model.buffers(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def _begin(self, seed, greedy):
+        device = self.device
+        self._stop.to(device)
+        self._was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        cfg = self.config
+        self._session = DecodeSession(self._forward, self._stop, pad_id=self.pad_id, device=device, greedy=greedy,
+                                      temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+        return generator
+
+    def _end(self):
+        self._session = None  # frees the KV cache
+        self.model.train(self._was_training)
+
+    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
+        with torch.no_grad():
+            return self._session.run_turn(keys, contexts, max_new)
+
+
+class VLLMRolloutEngine(TurnLoopEngine):
+    """The turn loop on a vLLM ``LLM`` (GPU): each turn is one ``LLM.generate`` call over token-id
+    prompts, stopping at ``</search>``/``</answer>`` (kept in the output) or EOS.
+
+    After a PPO update, push the new weights with :meth:`load_weights`.
+    """
+
+    def __init__(self, llm, tokenizer, retriever: Retriever, config: RolloutConfig | None = None):
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise StepSearchError(
+                "the vLLM rollout engine needs vLLM (a CUDA machine and `pip install vllm`); "
+                "use the Hugging Face engine (HFRolloutEngine) otherwise"
+            ) from None
+        super().__init__(tokenizer, retriever, config)
+        self.llm = llm
+
+    def load_weights(self, model) -> None:
+        """Copy a Hugging Face model's weights into the vLLM engine (same architecture)."""
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.model.load_weights(model.state_dict().items())
+
+    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        cfg = self.config
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        params = [
+            SamplingParams(
+                max_tokens=limit, temperature=0.0 if greedy else cfg.temperature,
+                top_p=1.0 if greedy else cfg.top_p, seed=seed + i, stop=list(tpl.STOP_TAGS),
+                include_stop_str_in_output=True,
+            )
+            for i, limit in enumerate(max_new)
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=ctx) for ctx in contexts]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            reason = {"stop": "tag", "length": "length"}.get(completion.finish_reason, "eos")
+            if completion.finish_reason == "stop" and completion.stop_reason is None:
+                reason = "eos"
+            results.append(TurnOutput(list(completion.token_ids), reason))
+        return results

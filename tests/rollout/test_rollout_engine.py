@@ -1,0 +1,134 @@
+"""The engine on the real tiny model (random weights, so its output is malformed text): batched
+KV-cache decoding must match full forward passes, be batch-invariant, seeded, and well masked."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig, RolloutEngine
+
+QUESTIONS = ["Who was the drummer of Toto", "Where is Atlanta?", "What did Robert Plant do after 1980",
+             "Which band is from Georgia", "x"]
+CONFIG = RolloutConfig(max_turns=2, max_response_tokens=12, max_observation_tokens=64, max_context_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def model64(tiny):
+    """A float64 copy of the tiny model: argmax comparisons without float32 near-ties."""
+    model, _ = tiny
+    return copy.deepcopy(model).double()
+
+
+def _check_layout(traj, tokenizer):
+    for b in range(len(traj)):
+        length = int(traj.attention_mask[b].sum())
+        prompt = int(traj.prompt_lengths[b])
+        assert traj.attention_mask[b, :length].all() and not traj.attention_mask[b, length:].any()
+        assert not traj.loss_mask[b, :prompt].any() and not traj.loss_mask[b, length:].any()
+        assert (traj.input_ids[b, length:] == tokenizer.pad_token_id).all()
+    assert traj.timing["tokens_generated"] == int(traj.loss_mask.sum())
+
+
+def test_protocol_conformance(tiny, retriever):
+    model, tokenizer = tiny
+    assert isinstance(HFRolloutEngine(model, tokenizer, retriever, CONFIG), RolloutEngine)
+
+
+def test_sampling_is_seeded(tiny, retriever):
+    model, tokenizer = tiny
+    engine = HFRolloutEngine(model, tokenizer, retriever, CONFIG)
+    first = engine.generate(QUESTIONS, seed=5)
+    again = engine.generate(QUESTIONS, seed=5)
+    other = engine.generate(QUESTIONS, seed=6)
+    assert torch.equal(first.input_ids, again.input_ids) and torch.equal(first.loss_mask, again.loss_mask)
+    width = min(first.input_ids.shape[1], other.input_ids.shape[1])
+    assert not torch.equal(first.input_ids[:, :width], other.input_ids[:, :width])
+    _check_layout(first, tokenizer)
+    for record in first.records:
+        assert record.num_turns >= 1 and record.invalid_actions  # random text is never a clean trajectory
+    # Config seed is the default.
+    seeded = HFRolloutEngine(model, tokenizer, retriever, RolloutConfig(**{**CONFIG.__dict__, "seed": 5}))
+    assert torch.equal(seeded.generate(QUESTIONS).input_ids, first.input_ids)
+
+
+def test_greedy_tokens_are_the_argmax_of_a_full_forward(model64, tiny, retriever):
+    """KV cache, left padding, dropped rows and per-turn prefill all agree with one plain forward
+    over the final right-padded rows: each policy token is the argmax after its prefix."""
+    _, tokenizer = tiny
+    traj = HFRolloutEngine(model64, tokenizer, retriever, CONFIG).generate(QUESTIONS, greedy=True)
+    _check_layout(traj, tokenizer)
+    assert traj.loss_mask.sum() > 2 * len(QUESTIONS)
+    with torch.no_grad():
+        logits = model64(input_ids=traj.input_ids, attention_mask=traj.attention_mask).logits
+    predicted = logits.argmax(-1)[:, :-1]
+    policy = traj.loss_mask[:, 1:].bool()
+    assert torch.equal(predicted[policy], traj.input_ids[:, 1:][policy])
+    # Several turns happened (random text is an invalid action, then the warning, then another turn).
+    assert max(r.num_turns for r in traj.records) == CONFIG.max_turns + 1
+
+
+def test_batch_invariance(model64, tiny, retriever):
+    _, tokenizer = tiny
+    engine = HFRolloutEngine(model64, tokenizer, retriever, CONFIG)
+    batch = engine.generate(QUESTIONS[:3], greedy=True)
+    for b, question in enumerate(QUESTIONS[:3]):
+        alone = engine.generate([question], greedy=True)
+        length = int(alone.attention_mask[0].sum())
+        assert torch.equal(batch.input_ids[b, :length], alone.input_ids[0, :length])
+        assert int(batch.attention_mask[b].sum()) == length
+        assert torch.equal(batch.loss_mask[b, :length], alone.loss_mask[0, :length])
+
+
+def test_config_is_validated():
+    from stepsearch.errors import StepSearchError
+
+    for bad in ({"top_p": 0.0}, {"max_turns": -1}, {"max_response_tokens": 0}, {"template": "nope"}, {"top_k": 0}):
+        with pytest.raises(StepSearchError):
+            RolloutConfig(**bad)
+
+
+def test_vllm_engine_says_what_is_missing(tiny, retriever):
+    from stepsearch.errors import StepSearchError
+    from stepsearch.rollout.engine import VLLMRolloutEngine
+
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(StepSearchError, match="needs vLLM"):
+            VLLMRolloutEngine(object(), tiny[1], retriever, CONFIG)
+    else:  # pragma: no cover - GPU machines
+        pytest.skip("vLLM is installed")
+
+
+def test_eos_ids_from_tokenizer_and_generation_config(tiny):
+    from types import SimpleNamespace
+
+    from stepsearch.rollout.engine import eos_token_ids
+
+    _, tokenizer = tiny
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, tokenizer.eos_token_id]))
+    assert eos_token_ids(model, tokenizer) == sorted({7, tokenizer.eos_token_id})
+
+
+def test_plan_template_with_a_chat_template(tiny, retriever):
+    from stepsearch.models.tiny import CHATML_TEMPLATE
+    from stepsearch.rollout.scripted import ScriptedPolicy
+    from stepsearch.rollout.template import format_prompt
+
+    _, tokenizer = tiny
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHATML_TEMPLATE
+    turns = ["<plan> find it </plan><search> Jeff Porcaro </search>",
+             "<observation> Doc1 says drummer </observation><answer> drummer </answer>"]
+    config = RolloutConfig(max_turns=2, max_response_tokens=40, template="plan")
+    engine = HFRolloutEngine(ScriptedPolicy(chat, {"What was Porcaro": turns}), chat, retriever, config)
+    traj = engine.generate(["What was Porcaro"])
+    prompt = format_prompt("What was Porcaro", chat, template="plan")
+    assert prompt.startswith("<|im_start|>user\n## Background") and prompt.endswith("<|im_start|>assistant\n")
+    assert traj.records[0].prompt_text == prompt
+    assert traj.input_ids[0, : traj.prompt_lengths[0]].tolist() == chat(prompt, add_special_tokens=False)["input_ids"]
+    assert traj.records[0].answer == "drummer" and retriever.calls == [["Jeff Porcaro"]]
+    assert "\n\n<information> Doc 1<## Title: " in traj.records[0].response_text
