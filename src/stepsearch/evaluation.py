@@ -89,7 +89,7 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="remote retrieval service URL instead of --index")
     parser.add_argument("--limit", type=int, default=None, help="first N examples per file")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--template", default="think", choices=["think", "plan"])
+    parser.add_argument("--template", default="think", choices=["think", "plan", "compact"])
     parser.add_argument("--max-turns", type=int, default=5)
     parser.add_argument("--output", help="write one JSONL prediction row per example")
     parser.add_argument("--dtype", default="float32")

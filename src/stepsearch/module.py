@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
-from stepsearch.models.policy import ActorCritic, PolicySettings
+from stepsearch.errors import StepSearchError
+from stepsearch.models.policy import ActorCritic, LoraSettings, PolicySettings
 from stepsearch.ppo import core
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.engine import RolloutConfig
-from stepsearch.sft import BootstrapSettings
+from stepsearch.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
 
 
 @dataclass
@@ -90,6 +92,12 @@ class OptimSettings:
     grad_clip: float = 1.0
 
 
+# Checkpoints carry these settings as hyperparameters, and resuming loads them with
+# ``torch.load(weights_only=True)``, which accepts only allow-listed classes.
+torch.serialization.add_safe_globals([PPOSettings, OptimSettings, PolicySettings, LoraSettings, RolloutConfig,
+                                      RewardConfig, BootstrapSettings, TinyModelSettings, WarmStartSettings])
+
+
 class StepSearchPPO(pl.LightningModule):
     """Policy + value heads trained with step-wise PPO on search trajectories.
 
@@ -127,7 +135,7 @@ class StepSearchPPO(pl.LightningModule):
             rewards = replace(rewards, step_rewards=False, search_key_reward=False,
                               information_gain=False, redundancy_penalty=False)
         if self.ppo.algorithm not in ("steppo", "ppo", "grpo"):
-            raise ValueError(f"ppo.algorithm must be steppo, ppo or grpo, got {self.ppo.algorithm!r}")
+            raise StepSearchError(f"model.ppo.algorithm must be steppo, ppo or grpo, got {self.ppo.algorithm!r}")
         self.reward_config = rewards
         self.optim = optim or OptimSettings()
         self.bootstrap = bootstrap
@@ -157,6 +165,13 @@ class StepSearchPPO(pl.LightningModule):
     def configure_model(self) -> None:
         if self.actor_critic is not None:
             return
+        path = self.model_settings.name_or_path
+        # A hub id has at most one "/"; anything more path-like that is missing would otherwise
+        # surface as a confusing hub error.
+        if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+            if not Path(path).expanduser().exists():
+                raise StepSearchError(f"model.model.name_or_path: {path} does not exist; point it at a model "
+                                      "directory or hub id, or set model.bootstrap to make it")
         self.actor_critic = ActorCritic(self.model_settings)
 
     def setup(self, stage: str) -> None:
@@ -221,6 +236,13 @@ class StepSearchPPO(pl.LightningModule):
                                    f"samples/train_step{iteration:05d}", self.num_logged_samples)
         self._count_one_iteration(iteration)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "kl_coef" in checkpoint:
+            self.kl_controller.value = float(checkpoint["kl_coef"])
+
     def _count_one_iteration(self, before: int) -> None:
         """Make Lightning's optimizer-step counter advance by exactly one per PPO iteration."""
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
@@ -277,7 +299,9 @@ class StepSearchPPO(pl.LightningModule):
         metrics = self.val_metrics.compute(prefix)
         if self.trainer.sanity_checking:
             return
-        self.log_dict(metrics, sync_dist=False)
+        # Logged at step = PPO updates applied so far (as the step-0 pass); Lightning's default here is
+        # one less, because validation runs before its batch counter moves on.
+        self.log_dict({**metrics, "step": float(self.trainer.global_step)}, sync_dist=False)
         self.history["last" if prefix == "val" else prefix] = metrics
         if self.val_metrics.samples is not None:
             from stepsearch.tracking import log_trajectory_samples

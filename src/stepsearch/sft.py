@@ -83,6 +83,15 @@ def golden_turns(example, key_index: int = 0) -> list[str]:
     return turns
 
 
+def _fits_rollout(example, tokenizer, rollout_config, key_index: int) -> bool:
+    """Whether the engine can replay the golden turns whole (else the scripted turn is cut short)."""
+    turns = golden_turns(example, key_index)
+    if len(turns) - 1 > rollout_config.max_turns:
+        return False
+    return all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= rollout_config.max_response_tokens
+               for t in turns)
+
+
 def _hit_all_golden(example, record) -> bool:
     retrieved = {pid for step in record.steps for pid in step.passage_ids}
     return all(g.id in retrieved for g in example.golden_passages)
@@ -100,8 +109,9 @@ def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, 
         policy = ScriptedPolicy(tokenizer, [(ex.question, golden_turns(ex, key_index)) for ex in chunk])
         engine = HFRolloutEngine(policy, tokenizer, retriever, rollout_config)
         trajectory = engine.generate([ex.question for ex in chunk], greedy=True)
-        keep = [i for i, ex in enumerate(chunk)
-                if not require_golden_hits or _hit_all_golden(ex, trajectory.records[i])]
+        # An unfinished record was cut by the context cap before its answer: nothing to imitate.
+        keep = [i for i, ex in enumerate(chunk) if trajectory.records[i].finished
+                and (not require_golden_hits or _hit_all_golden(ex, trajectory.records[i]))]
         kept += len(keep)
         dropped += len(chunk) - len(keep)
         if keep:
@@ -157,9 +167,9 @@ def train_sft(model, trajectories, settings: WarmStartSettings, progress=None) -
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress is not None:
-                progress(float(loss))
+                progress(losses[-1])
     model.eval()
     return losses
 
@@ -189,6 +199,16 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     if not examples:
         raise StepSearchError("warm-start: no examples with sub-questions (and the requested hop counts) in its data")
     console = Console()
+    fitting = [ex for ex in examples if _fits_rollout(ex, tokenizer, rollout_config, settings.key_index)]
+    if not fitting:
+        raise StepSearchError(
+            f"warm-start: no golden trajectory fits the rollout limits (a turn longer than rollout.max_response_tokens="
+            f"{rollout_config.max_response_tokens} tokens, or more hops than rollout.max_turns={rollout_config.max_turns}); "
+            "raise them or warm-start on shorter chains")
+    if len(fitting) < len(examples):
+        console.print(f"warm-start: skipping {len(examples) - len(fitting)} examples whose golden turns exceed "
+                      "rollout.max_response_tokens or rollout.max_turns")
+    examples = fitting
     console.print(f"warm-start: collecting golden trajectories for {len(examples)} examples")
     trajectories, kept, dropped = collect_golden_trajectories(
         examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits)
@@ -243,7 +263,7 @@ def configure_sft(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--template", default="think", choices=["think", "plan"])
+    parser.add_argument("--template", default="think", choices=["think", "plan", "compact"])
     parser.add_argument("--seed", type=int, default=0)
 
 

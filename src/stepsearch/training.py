@@ -7,6 +7,8 @@ Kept apart from ``module.py`` so the Lightning hooks stay short; the math itself
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from stepsearch.ppo import core
@@ -59,6 +61,31 @@ def _grad_norm_and_clip(module, optimizer, params, max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
 
 
+def _ddp_strategy(module):
+    """The strategy when it is multi-process DDP (gradients averaged here), else ``None``.
+
+    PPO runs several backward passes per step, each through part of the parameters (actor loss,
+    critic loss), which DDP's per-backward reducer rejects ("parameters that were not used in
+    producing the loss"). So backward runs under ``block_backward_sync`` and gradients are averaged
+    once per optimizer step (DeepSpeed, a DDP subclass, reduces its own gradients).
+    """
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    strategy = module.trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and strategy.world_size > 1:
+        return strategy
+    return None
+
+
+def _average_gradients(params, world_size: int) -> None:
+    """All-reduce (mean) the gradients of ``params``; every rank runs the same graph, so the set of
+    parameters with a gradient is the same on all ranks."""
+    for param in params:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world_size)
+
+
 def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> dict[str, float]:
     """Advantages from the rollout, then ``ppo_epochs`` × minibatch updates. Returns logged stats."""
     ac, cfg = module.actor_critic, module.ppo
@@ -95,6 +122,8 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
     critic_opt = optimizers[1] if len(optimizers) > 1 else None
     actor_params, critic_params = ac.actor_parameters(), ac.critic_parameters()
     generator = torch.Generator().manual_seed(module.seed + module.trainer.global_step)
+    ddp = _ddp_strategy(module)
+    no_sync = ddp.block_backward_sync if ddp is not None else contextlib.nullcontext
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
 
@@ -131,18 +160,24 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
                     loss = loss + cfg.value_coef * v_loss
                     add("value_loss", v_loss.detach())
                     add("value_clip_frac", v_stats.get("vf_clip_frac", 0.0))
-                module.manual_backward(loss * weight)
+                with no_sync():
+                    module.manual_backward(loss * weight)
                 if critic_opt is not None and not grpo:
                     values = ac.critic_values(mb_ids, mb_attn).float()
                     v_loss, v_stats = core.value_loss(values, old_values[rows_d, :width], returns[rows_d, :width],
                                                       vmask, clip=cfg.value_clip)
-                    module.manual_backward(v_loss * weight)
+                    with no_sync():
+                        module.manual_backward(v_loss * weight)
                     add("value_loss", v_loss.detach())
                     add("value_clip_frac", v_stats.get("vf_clip_frac", 0.0))
                 add("policy_loss", pg_loss.detach())
                 add("entropy", entropy.detach())
                 add("clip_frac", pg_stats.get("clip_frac", 0.0))
                 add("approx_kl", pg_stats.get("approx_kl", 0.0))
+            if ddp is not None:
+                _average_gradients(actor_params, ddp.world_size)
+                if critic_opt is not None and not grpo:
+                    _average_gradients(critic_params, ddp.world_size)
             add("actor_grad_norm", _grad_norm_and_clip(module, actor_opt, actor_params, module.optim.grad_clip))
             actor_opt.step()
             if critic_opt is not None and not grpo:

@@ -83,6 +83,9 @@ class WorldConfig:
     """Hop count → weight for val (2–4 hops)."""
     test_hops: dict[int, float] = _hops_field({2: 0.5, 3: 0.3, 4: 0.2})
     """Hop count → weight for test (2–4 hops)."""
+    padding: bool = True
+    """Pad passages with descriptive sentences that state no relation. Off gives one-sentence
+    passages: shorter observations, so tiny CPU models train faster (the quickstart)."""
 
     def __post_init__(self) -> None:
         for name in ("train_hops", "val_hops", "test_hops"):
@@ -222,10 +225,12 @@ def _assign_facts(by_type: dict[str, list[Entity]], rng: random.Random) -> list[
             for rel in RELATIONS.values() if rel.subject_type == kind]
 
 
-def _passage_text(fact: Fact, entity: Entity, rng: random.Random) -> str:
+def _passage_text(fact: Fact, entity: Entity, rng: random.Random, padding: bool = True) -> str:
     intro, remark = wn.attribute_sentences(entity.type, entity.name, entity.attributes)
     sentence = rng.choice(RELATIONS[fact.relation].passages).format(s=fact.subject, o=fact.object)
     layout = rng.randrange(3)  # intro+fact, fact+remark, intro+fact+remark: passages vary in length
+    if not padding:  # drawn all the same, so the rest of the world does not move
+        return sentence
     parts = [intro, sentence] if layout == 0 else [sentence, remark] if layout == 1 else [intro, sentence, remark]
     return " ".join(parts)
 
@@ -245,7 +250,7 @@ def _build_corpus(config: WorldConfig, by_type, facts: list[Fact], rng: random.R
             obj = rng.choice(others).name if others else fact.object
             distractors.append(Fact(lookalike.text, fact.relation, obj, distractor=True))
     all_facts = facts + distractors
-    texts = [(f, _passage_text(f, entities[f.subject], rng)) for f in all_facts]
+    texts = [(f, _passage_text(f, entities[f.subject], rng, config.padding)) for f in all_facts]
     order = list(range(len(texts)))
     rng.shuffle(order)  # golden and distractor passages interleave in id order
     corpus: list[dict] = []

@@ -57,6 +57,14 @@ PLAN_PROMPT = (
 )
 
 
+# The same protocol in one line, for tiny models trained from scratch (the offline quickstart): a
+# 300-token instruction they cannot read only costs attention compute on every token.
+COMPACT_PROMPT = (
+    "Reason in <think> </think>, search with <search> query </search>, read <information>, "
+    "answer with <answer> answer </answer>. Question: {question}\n"
+)
+
+
 @dataclass(frozen=True)
 class Template:
     """A named prompt template: the instruction text and the tag that wraps retrieved documents."""
@@ -70,6 +78,7 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     "think": Template("think", THINK_PROMPT, "think"),
     "plan": Template("plan", PLAN_PROMPT, "plan"),
+    "compact": Template("compact", COMPACT_PROMPT, "think"),
 }
 
 # Search-R1's notice, reworded without tag pairs: a "<answer> and </answer>" inside an environment

@@ -1,0 +1,174 @@
+"""Supervised warm-start: golden turns, golden trajectories through the real engine and BM25, the
+masked SFT loss against a float64 reference, and that a few steps lower it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from training_fixtures import _one_thread, rollout_config, training_env  # noqa: F401  (fixtures)
+
+from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
+from stepsearch.errors import StepSearchError
+from stepsearch.sft import (
+    BootstrapSettings,
+    TinyModelSettings,
+    WarmStartSettings,
+    collect_golden_trajectories,
+    golden_turns,
+    run_bootstrap,
+    run_warm_start,
+    sft_loss,
+    train_sft,
+)
+
+
+def _two_hop() -> Example:
+    return Example(
+        id="x", question="Where was the director of Red Harbor born?", answers=["Vaskwick", "Vask"],
+        sub_questions=[
+            SubQuestion("Who directed Red Harbor?", "Ann Lee", ["Who directed Red Harbor?", "Red Harbor director"]),
+            SubQuestion("Where was Ann Lee born?", "Vaskwick", ["Where was Ann Lee born?"]),
+        ],
+    )
+
+
+def test_golden_turns_of_a_two_hop_example():
+    assert golden_turns(_two_hop()) == [
+        "<think> Who directed Red Harbor? </think>\n<search> Who directed Red Harbor? </search>",
+        "<think> Where was Ann Lee born? </think>\n<search> Where was Ann Lee born? </search>",
+        "<answer> Vaskwick </answer>",
+    ]
+
+
+def test_golden_turns_key_index_and_hops_without_keys():
+    example = _two_hop()
+    example.sub_questions.insert(1, SubQuestion("A hop nobody can search?", "z", []))
+    # key_index picks an alternative phrasing, clamped to the last one a hop has; keyless hops are skipped.
+    assert golden_turns(example, key_index=1) == [
+        "<think> Who directed Red Harbor? </think>\n<search> Red Harbor director </search>",
+        "<think> Where was Ann Lee born? </think>\n<search> Where was Ann Lee born? </search>",
+        "<answer> Vaskwick </answer>",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(training_env):
+    from stepsearch.models.loading import load_tokenizer
+
+    return load_tokenizer(training_env.sft_dir)
+
+
+@pytest.fixture(scope="module")
+def two_hop_examples(training_env):
+    from stepsearch.data.sources import load_examples
+
+    return [ex for ex in load_examples(training_env.train) if ex.num_hops == 2][:3]
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_collect_golden_trajectories_masks_and_filter(training_env, tokenizer, two_hop_examples):
+    good = two_hop_examples[:2]
+    bad = two_hop_examples[2]
+    bad = Example(bad.id, bad.question, bad.answers, bad.dataset,
+                  [SubQuestion(sq.question, sq.answer, sq.search_keys, [GoldenPassage("no-such-id", "t", "x")])
+                   for sq in bad.sub_questions], bad.metadata)
+    batches, kept, dropped = collect_golden_trajectories([good[0], bad, good[1]], tokenizer, training_env.retriever,
+                                                         rollout_config(), batch_size=8)
+    assert (kept, dropped) == (2, 1)
+    (trajectory,) = batches
+    assert len(trajectory) == 2
+    info_open, info_close = _ids(tokenizer, "<information>"), _ids(tokenizer, "</information>")
+    assert len(info_open) == len(info_close) == 1  # tags are single tokens in the tiny tokenizer
+    for row, example in enumerate(good):
+        record = trajectory.records[row]
+        assert [s.query for s in record.steps] == [sq.search_keys[0] for sq in example.sub_questions]
+        assert record.answer == example.answers[0]
+        ids = trajectory.input_ids[row]
+        mask = trajectory.loss_mask[row]
+        n = int(trajectory.attention_mask[row].sum())
+        start = int(trajectory.prompt_lengths[row])
+        # Policy tokens are exactly the scripted turns, in order.
+        expected = [t for turn in golden_turns(example) for t in _ids(tokenizer, turn)]
+        assert ids[mask.bool()].tolist() == expected
+        assert mask[:start].sum() == 0 and mask[n:].sum() == 0
+        # Every token of each <information> … </information> block is environment (mask 0).
+        opens = (ids[:n] == info_open[0]).nonzero().flatten().tolist()
+        closes = (ids[:n] == info_close[0]).nonzero().flatten().tolist()
+        opens = [i for i in opens if i >= start]
+        closes = [i for i in closes if i >= start]
+        assert len(opens) == len(closes) == 2
+        for a, b in zip(opens, closes):
+            assert mask[a:b + 1].sum() == 0 and b - a > 10
+        observed = tokenizer.decode(ids[start:n][mask[start:n] == 0])
+        for step in record.steps:
+            assert step.passage_titles[0] in observed
+
+
+def test_sft_loss_matches_a_float64_reference(training_env, tokenizer, two_hop_examples):
+    from stepsearch.models.loading import load_policy
+
+    model, _ = load_policy(training_env.sft_dir, device="cpu")
+    (trajectory,), _, _ = collect_golden_trajectories(two_hop_examples[:2], tokenizer, training_env.retriever,
+                                                      rollout_config())
+    ids, attn, mask = trajectory.input_ids, trajectory.attention_mask, trajectory.loss_mask
+    with torch.no_grad():
+        loss = sft_loss(model, ids, attn, mask)
+        logits = model(input_ids=ids, attention_mask=attn).logits.double()
+    total, count = 0.0, 0
+    for b in range(ids.shape[0]):
+        for i in range(1, ids.shape[1]):
+            if mask[b, i]:
+                total -= torch.log_softmax(logits[b, i - 1], -1)[ids[b, i]].item()
+                count += 1
+    assert count == int(mask.sum())
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_few_sft_steps_lower_the_loss(training_env, tokenizer, two_hop_examples):
+    from stepsearch.models.loading import load_policy
+
+    model, _ = load_policy(training_env.tiny_dir, device="cpu")  # the untrained base
+    batches, kept, _ = collect_golden_trajectories(two_hop_examples, tokenizer, training_env.retriever, rollout_config())
+    assert kept == 3
+    (trajectory,) = batches
+    args = (trajectory.input_ids, trajectory.attention_mask, trajectory.loss_mask)
+    with torch.no_grad():
+        before = sft_loss(model, *args).item()
+    torch.manual_seed(0)
+    losses = train_sft(model, batches, WarmStartSettings(epochs=8, lr=1e-2, batch_size=3))
+    assert len(losses) == 8
+    with torch.no_grad():
+        after = sft_loss(model, *args).item()
+    assert after < 0.8 * before
+    assert losses[-1] < losses[0]
+    assert not model.training  # handed back in eval mode, as rollouts expect
+
+
+def test_warm_start_rejects_limits_the_golden_turns_do_not_fit(training_env):
+    from stepsearch.data.sources import load_examples
+
+    examples = load_examples(training_env.train)
+    with pytest.raises(StepSearchError, match="max_response_tokens=4"):
+        run_warm_start(str(training_env.tiny_dir), training_env.world_dir.parent / "never", examples,
+                       training_env.retriever, rollout_config(max_response_tokens=4), WarmStartSettings(hops=[1, 2]))
+    assert not (training_env.world_dir.parent / "never").exists()
+
+
+def test_bootstrap_is_idempotent(training_env):
+    watched = [training_env.tiny_dir / "config.json", training_env.sft_dir / "config.json",
+               training_env.sft_dir / "model.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in watched]
+    settings = BootstrapSettings(tiny=TinyModelSettings(out_dir=str(training_env.tiny_dir), corpus_files=[]),
+                                 warm_start=WarmStartSettings(data=[str(training_env.train)]))
+    run_bootstrap(settings, str(training_env.sft_dir), rollout_config(), datamodule=None)  # nothing to redo
+    assert [p.stat().st_mtime_ns for p in watched] == stamps
+
+
+def test_warm_start_summary_of_the_session_model(training_env):
+    summary = training_env.warm_summary
+    assert summary["kept"] > 0 and summary["kept"] + summary["dropped_missed_golden"] == summary["examples"]
+    assert summary["last_loss"] < summary["first_loss"]
+    assert (training_env.sft_dir / "warm_start.json").exists()

@@ -1,0 +1,134 @@
+"""MLflow tracking helpers: sample-trajectory rows and HTML (mask shading), the before/after report,
+and what reaches an MLflow run (read back with ``MlflowClient``)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import pytest
+from lightning.pytorch.loggers import MLFlowLogger
+from training_fixtures import _one_thread, rollout_config, training_env  # noqa: F401  (fixtures)
+
+from stepsearch.tracking import (
+    default_tracking_uri,
+    log_trajectory_samples,
+    report_before_after,
+    trajectory_html,
+    trajectory_rows,
+)
+
+
+@pytest.fixture(scope="module")
+def scripted_batch(training_env):
+    """(tokenizer, trajectory, scores, examples): golden 2-hop trajectories plus one that never searches."""
+    from stepsearch.data.sources import load_examples
+    from stepsearch.models.loading import load_tokenizer
+    from stepsearch.rewards import RewardConfig, score_trajectories
+    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.scripted import ScriptedPolicy
+    from stepsearch.sft import golden_turns
+
+    tokenizer = load_tokenizer(training_env.sft_dir)
+    examples = [ex for ex in load_examples(training_env.train) if ex.num_hops == 2][:2]
+    examples.append(load_examples(training_env.val)[0])
+    scripts = [(ex.question, golden_turns(ex)) for ex in examples[:2]]
+    scripts.append((examples[2].question, ["<answer> nobody </answer>"]))
+    engine = HFRolloutEngine(ScriptedPolicy(tokenizer, scripts), tokenizer, training_env.retriever, rollout_config())
+    trajectory = engine.generate([ex.question for ex in examples], greedy=True)
+    scores = score_trajectories(trajectory.records, examples, RewardConfig())
+    return tokenizer, trajectory, scores, examples
+
+
+def _mlflow_logger(tmp_path, name="t"):
+    return MLFlowLogger(experiment_name=name, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                        artifact_location=str(tmp_path / "artifacts"))
+
+
+def _read_artifact(client, run_id, path, dst) -> str:
+    with open(client.download_artifacts(run_id, path, str(dst))) as handle:
+        return handle.read()
+
+
+def test_trajectory_rows(scripted_batch):
+    tokenizer, trajectory, scores, examples = scripted_batch
+    rows = trajectory_rows(tokenizer, trajectory, scores, examples, limit=10)
+    assert len(rows) == 3
+    first = rows[0]
+    assert first["id"] == examples[0].id and first["answers"] == examples[0].answers
+    assert first["prediction"] == examples[0].answers[0] and first["answer_f1"] == 1.0 and first["format_ok"]
+    assert [s["query"] for s in first["steps"]] == [sq.search_keys[0] for sq in examples[0].sub_questions]
+    assert [s["info_gain"] for s in first["steps"]] == pytest.approx(scores[0].info_gains)
+    assert all(len(s["passage_ids"]) == 3 for s in first["steps"])
+    # No search: steps empty, no gains to pad; an answer without search still scores its F1.
+    assert rows[2]["steps"] == [] and rows[2]["prediction"] == "nobody"
+    json.dumps(rows)  # JSON-ready
+    assert len(trajectory_rows(tokenizer, trajectory, scores, examples, limit=1)) == 1
+
+
+def test_trajectory_html_shades_environment_tokens(scripted_batch):
+    tokenizer, trajectory, scores, examples = scripted_batch
+    rows = trajectory_rows(tokenizer, trajectory, scores, examples, limit=2)
+    page = trajectory_html(tokenizer, trajectory, rows)
+    assert page.count("<tr><td>") == 2
+    cells = re.findall(r"<tr><td><pre>.*?</pre></td><td><pre>(.*?)</pre></td></tr>", page, flags=re.S)
+    for b, cell in enumerate(cells):
+        spans = re.findall(r"<span class='(pol|env)'>(.*?)</span>", cell, flags=re.S)
+        policy = "".join(html.unescape(text) for kind, text in spans if kind == "pol")
+        environment = "".join(html.unescape(text) for kind, text in spans if kind == "env")
+        ids, mask = trajectory.input_ids[b], trajectory.loss_mask[b]
+        start, end = int(trajectory.prompt_lengths[b]), int(trajectory.attention_mask[b].sum())
+        assert policy == tokenizer.decode(ids[start:end][mask[start:end] == 1])
+        assert environment.count("<information>") == 2 and "<information>" not in policy
+        assert policy.count("<search>") == 2 and "<search>" not in environment
+        # Spans alternate policy / environment and start with the policy's first turn.
+        kinds = [kind for kind, _ in spans]
+        assert kinds[0] == "pol" and all(a != b for a, b in zip(kinds, kinds[1:]))
+
+
+def test_report_before_after_table_text():
+    history = {"step0": {"val/em": 0.25, "val/f1": 0.5}, "last": {"val/em": 0.5, "val/f1": 0.375, "val/new": 1.0}}
+    text = report_before_after(history, logger=None)
+    assert text.splitlines() == [
+        "| metric | step 0 | final | change |",
+        "|---|---|---|---|",
+        "| val/em | 0.250 | 0.500 | +0.250 |",
+        "| val/f1 | 0.500 | 0.375 | -0.125 |",
+        "| val/new |  | 1.000 |  |",
+    ]
+
+
+def test_samples_and_report_reach_the_mlflow_run(scripted_batch, tmp_path):
+    import mlflow
+
+    tokenizer, trajectory, scores, examples = scripted_batch
+    logger = _mlflow_logger(tmp_path)
+    logger.log_metrics({"val/em": 0.0, "train/reward": -1.0}, step=0)
+    logger.log_metrics({"val/em": 0.5, "train/reward": 0.2}, step=3)
+    log_trajectory_samples(logger, tokenizer, trajectory, scores, examples, "samples/val_step00003", limit=2)
+    text = report_before_after({"step0": {"val/em": 0.0}, "last": {"val/em": 0.5}}, logger)
+    client = mlflow.tracking.MlflowClient(logger._tracking_uri)
+    names = {a.path for a in client.list_artifacts(logger.run_id)} | {
+        a.path for a in client.list_artifacts(logger.run_id, "samples")}
+    assert {"summary.md", "curves.png", "samples/val_step00003.jsonl", "samples/val_step00003.html"} <= names
+    assert _read_artifact(client, logger.run_id, "summary.md", tmp_path / "dl") == text
+    lines = _read_artifact(client, logger.run_id, "samples/val_step00003.jsonl", tmp_path / "dl").splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [ex.id for ex in examples[:2]]
+
+
+def test_non_mlflow_loggers_are_skipped(scripted_batch, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    tokenizer, trajectory, scores, examples = scripted_batch
+    for logger in (None, CSVLogger(tmp_path)):
+        log_trajectory_samples(logger, tokenizer, trajectory, scores, examples, "samples/x", limit=2)
+        report_before_after({"step0": {"val/em": 0.0}, "last": {"val/em": 1.0}}, logger)
+    assert not any(tmp_path.rglob("*.jsonl")) and not any(tmp_path.rglob("*.md"))
+
+
+def test_default_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracker:5000")
+    assert default_tracking_uri() == "http://tracker:5000"

@@ -1,0 +1,126 @@
+"""``python -m stepsearch`` training entry points, run as a user would (subprocesses): help, the
+quickstart config shortened by command-line overrides (bootstrap included) read back from MLflow,
+and bad input reported as one ``error:`` line without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+from training_fixtures import PYTHON, REPO, python_env, training_env  # noqa: F401  (fixtures)
+
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def _run(args, cwd, timeout=240):
+    env = python_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([PYTHON, "-m", "stepsearch", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _error_lines(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+
+
+def test_top_level_and_fit_help(tmp_path):
+    top = _run(["--help"], tmp_path)
+    assert top.returncode == 0
+    assert "fit" in top.stdout and "evaluate" in top.stdout
+    fit = _run(["fit", "--help"], tmp_path)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    for flag in ("--config", "--trainer.max_steps", "--model.ppo", "--model.bootstrap", "--data.world_dir"):
+        assert flag in fit.stdout, flag
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """The quickstart config, shortened: a small world, a tiny model made and warm-started on the
+    spot (the bootstrap), 2 PPO iterations, MLflow in a sqlite file, everything under a temp dir."""
+    tmp = tmp_path_factory.mktemp("quickstart")
+    world = tmp / "world"
+    overrides = {
+        "data.world_dir": world, "data.world.num_people": 30, "data.world.num_places": 10,
+        "data.world.num_regions": 4, "data.world.num_countries": 2, "data.world.num_orgs": 8,
+        "data.world.num_works": 16, "data.world.train_size": 48, "data.world.val_size": 8, "data.world.test_size": 4,
+        "data.batch_size": 4, "data.val_batch_size": 8, "data.max_val_examples": 8,
+        "model.model.name_or_path": tmp / "sft",
+        "model.bootstrap.tiny.out_dir": tmp / "tiny",
+        "model.bootstrap.tiny.corpus_files": f"[{world / 'corpus.jsonl'},{world / 'train.jsonl'}]",
+        "model.bootstrap.tiny.vocab_size": 512, "model.bootstrap.tiny.hidden_size": 32,
+        "model.bootstrap.tiny.num_layers": 1, "model.bootstrap.tiny.num_heads": 2,
+        "model.bootstrap.tiny.num_kv_heads": 1, "model.bootstrap.tiny.intermediate_size": 64,
+        "model.bootstrap.warm_start.data": f"[{world / 'train.jsonl'}]",
+        "model.bootstrap.warm_start.max_examples": 16, "model.bootstrap.warm_start.epochs": 1,
+        "model.rollout.max_turns": 2, "model.rollout.max_response_tokens": 64,
+        "model.rollout.max_context_tokens": 640,
+        "model.ppo.mini_batch_size": 2, "model.ppo.micro_batch_size": 2, "model.log_samples_every_n_steps": 1,
+        "trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.default_root_dir": tmp / "root",
+        "trainer.logger.init_args.tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+        "trainer.enable_progress_bar": "false",
+    }
+    args = ["fit", "--config", str(QUICKSTART)]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    proc = _run(args, cwd=tmp)
+    return tmp, proc
+
+
+def test_quickstart_fit_completes_and_prints_the_report(quickstart_run):
+    tmp, proc = quickstart_run
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    assert "validation: before PPO (step 0) vs after" in proc.stdout
+    assert any(line.startswith("│ val/em") for line in proc.stdout.splitlines())
+    # The bootstrap made the world, the tiny model and the warm-started policy.
+    assert (tmp / "world" / "index_bm25").is_dir()
+    assert (tmp / "tiny" / "config.json").exists() and (tmp / "sft" / "warm_start.json").exists()
+    assert list((tmp / "root").rglob("*step=2.ckpt"))
+
+
+def test_quickstart_run_in_mlflow(quickstart_run):
+    import mlflow
+
+    tmp, proc = quickstart_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    experiment = client.get_experiment_by_name("quickstart")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "quickstart-steppo" and run.info.status == "FINISHED"
+    run_id = run.info.run_id
+    for key in ("train/reward", "train/answer_f1", "train/info_gain", "train/redundancy", "train/key_score",
+                "train/format_ok", "val/em", "val/f1", "val/reward"):
+        assert key in run.data.metrics, key
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/reward")) == [0, 1]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val/em")) == [0, 2]
+    # The resolved config: artifact and flattened params, with the overrides applied.
+    assert run.data.params["model.ppo.algorithm"] == "steppo"
+    assert run.data.params["trainer.max_steps"] == "2"
+    config = yaml.safe_load(open(client.download_artifacts(run_id, "config.yaml", str(tmp / "dl"))))
+    assert config["trainer"]["max_steps"] == 2
+    assert config["model"]["model"]["name_or_path"] == str(tmp / "sft")
+    top = {a.path for a in client.list_artifacts(run_id)}
+    samples = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert {"config.yaml", "summary.md", "curves.png"} <= top
+    assert {"samples/train_step00000.jsonl", "samples/train_step00000.html", "samples/val_step00002.jsonl"} <= samples
+
+
+def test_missing_policy_without_bootstrap_is_one_error_line(training_env, tmp_path):
+    missing = tmp_path / "missing" / "sft"
+    proc = _run(["fit", "--model.model.name_or_path", str(missing), "--data.train", str(training_env.train),
+                 "--data.val", str(training_env.val), "--data.retriever.index", str(training_env.index_dir),
+                 "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--trainer.max_steps", "1"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (line,) = _error_lines(proc)
+    assert str(missing) in line and "does not exist" in line and "model.bootstrap" in line
+
+
+def test_unknown_algorithm_is_one_error_line(tmp_path):
+    proc = _run(["fit", "--model.ppo.algorithm", "reinforce", "--trainer.logger", "false"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (line,) = _error_lines(proc)
+    assert "model.ppo.algorithm" in line and "'reinforce'" in line
