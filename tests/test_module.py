@@ -282,7 +282,8 @@ def test_grpo_updates_the_actor_and_leaves_the_critic(training_env, tmp_path, mo
                                                             "mini_batch_size": 4, "micro_batch_size": 2})
     ac = module.actor_critic
     actor, critic = _snapshot(ac.actor_parameters()), _snapshot(ac.critic_parameters())
-    trainer.fit(module, make_datamodule(training_env, val=None, batch_size=2))
+    trainer.fit(module, make_datamodule(training_env, batch_size=2))
+    assert module.history == {}  # limit_val_batches=0 also skips the step-0 validation
     (trajectory, _, _), = recorder.calls
     assert len(trajectory) == 4  # 2 prompts x group of 2
     assert _changed(actor, ac.actor_parameters())
@@ -299,6 +300,7 @@ def test_shared_critic_trains_the_value_head_with_the_policy(training_env, tmp_p
     head = _snapshot(ac.value_head.parameters())
     trainer.fit(module, make_datamodule(training_env, val=None))
     assert len(trainer.optimizers) == 1
+    assert module.history == {}  # no validation data: no step-0 pass, no empty before/after table
     assert _changed(head, ac.value_head.parameters())
     assert "train/value_loss" in trainer.callback_metrics
 
@@ -378,3 +380,45 @@ def test_environment_tokens_get_no_policy_or_value_gradient(training_env):
     assert torch.all(values.grad[~target_mask] == 0)
     assert (logit_grad[target_mask] > 0).float().mean() > 0.9
     assert (values.grad[target_mask] != 0).float().mean() > 0.9
+
+
+def test_gradient_checkpointing_is_used_by_ppo_forwards(training_env):
+    """Hugging Face layers checkpoint only in train mode: the policy and critic must be in train mode
+    (dropout off) for PPO's forwards, also after the engine generated with the policy in eval mode."""
+    from stepsearch.data.sources import load_examples
+    from stepsearch.models.policy import ActorCritic, PolicySettings
+    from stepsearch.rollout.engine import HFRolloutEngine
+
+    ac = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir), gradient_checkpointing=True))
+    plain = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir)))
+    plain.critic.load_state_dict(ac.critic.state_dict())  # the value head is freshly initialised
+    questions = [ex.question for ex in load_examples(training_env.val)[:2]]
+    engine = HFRolloutEngine(ac.generation_model(), ac.tokenizer, training_env.retriever,
+                             rollout_config(max_turns=1, max_response_tokens=8))
+    trajectory = engine.generate(questions, seed=0)
+    assert ac.policy.training and ac.critic.trunk.training
+    assert all(m.p == 0.0 for m in ac.modules() if isinstance(m, torch.nn.Dropout))
+
+    runs: list[str] = []
+    for name, layer in (("policy", ac.policy.model.layers[0]), ("critic", ac.critic.trunk.layers[0])):
+        checkpoint = layer._gradient_checkpointing_func
+
+        def counting(fn, *args, _checkpoint=checkpoint, _name=name, **kwargs):
+            def inner(*a, **k):
+                runs.append(_name)
+                return fn(*a, **k)
+            return _checkpoint(inner, *args, **kwargs)
+
+        layer._gradient_checkpointing_func = counting
+
+    ids, attn = trajectory.input_ids, trajectory.attention_mask
+    grads = []
+    for model in (ac, plain):
+        logits, _ = model.policy_forward(ids, attn)
+        values = model.critic_values(ids, attn)
+        (core.logprobs_from_logits(logits, ids[:, 1:]).mean() + values.square().mean()).backward()
+        grads.append([p.grad for p in model.actor_parameters() + model.critic_parameters()])
+    # Each checkpointed layer ran twice: in the forward and again in the backward (recompute).
+    assert sorted(runs) == ["critic", "critic", "policy", "policy"]
+    for checkpointed, reference in zip(*grads):
+        torch.testing.assert_close(checkpointed, reference, rtol=1e-4, atol=1e-6)

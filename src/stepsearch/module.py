@@ -254,10 +254,12 @@ class StepSearchPPO(pl.LightningModule):
     # ------------------------------------------------------------ evaluation
     def on_train_start(self) -> None:
         """Validation at step 0: after any warm-start, before the first PPO update."""
-        if self.trainer.global_step != 0 or self.trainer.datamodule is None:
+        if self.trainer.global_step != 0 or self.trainer.datamodule is None or self.trainer.limit_val_batches == 0:
             return
         loader = self.trainer.datamodule.val_dataloader()
         metrics = self.evaluate_loader(loader, prefix="val")
+        if not metrics:  # no validation data configured
+            return
         self.history["step0"] = metrics
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)

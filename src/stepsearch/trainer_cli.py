@@ -33,7 +33,12 @@ def trainer_defaults() -> dict:
 
 
 def run_lightning(argv: list[str]) -> StepSearchCLI:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The frozen reference policy is in eval mode on purpose; Lightning warns about any such module.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     from stepsearch.data.datamodule import StepSearchDataModule
     from stepsearch.module import StepSearchPPO
 

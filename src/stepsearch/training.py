@@ -185,7 +185,8 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
                 critic_opt.step()
 
     schedulers = module.lr_schedulers()
-    for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+    schedulers = schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []
+    for scheduler in schedulers[:1] if grpo else schedulers:  # GRPO never steps the critic's optimizer
         scheduler.step()
     module.kl_controller.update(mean_kl, batch)
 

@@ -7,6 +7,9 @@
   the value head reads the policy's last hidden state and the value loss also trains the trunk.
 - Reference: the frozen initial policy. With LoRA it is the same model with adapters disabled (no
   second copy in memory); otherwise a frozen deep copy.
+- Activation checkpointing: Hugging Face layers apply it only in train mode, so with
+  ``gradient_checkpointing`` the policy and critic are kept in train mode with dropout rates set to
+  0 (otherwise everything stays in eval mode); either way PPO forwards are deterministic.
 
 Token alignment used everywhere in training: quantities of the token at position ``i`` (its
 log-prob, its value, its reward) live in column ``i - 1`` of a ``[B, L-1]`` tensor — the log-prob of
@@ -80,7 +83,7 @@ class CriticModel(nn.Module):
         self.value_head = ValueHead(hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.value_head(hidden)
 
 
@@ -114,6 +117,8 @@ class ActorCritic(nn.Module):
             self.reference = copy.deepcopy(policy).eval()
             self.reference.requires_grad_(False)
         self.policy = policy
+        if settings.gradient_checkpointing:
+            checkpointing_mode(policy)
         if settings.critic == "separate":
             trunk = load_trunk(settings.critic_name_or_path or settings.name_or_path, dtype=settings.dtype,
                                gradient_checkpointing=settings.gradient_checkpointing)
@@ -170,6 +175,18 @@ class ActorCritic(nn.Module):
         return self.policy
 
 
+def checkpointing_mode(model: nn.Module) -> None:
+    """Train mode, so Hugging Face layers apply activation checkpointing (they do only when
+    ``training``), with every dropout rate set to 0: PPO ratios need deterministic forwards, as in
+    eval mode (the rollout engine generates in eval mode and then restores train mode)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def load_trunk(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False) -> nn.Module:
     """The transformer trunk (no LM head) of a causal-LM checkpoint, for the separate critic."""
     import os
@@ -182,5 +199,9 @@ def load_trunk(name_or_path: str, dtype: str = "float32", gradient_checkpointing
     except OSError as err:
         raise StepSearchError(f"cannot load critic base {name_or_path!r}: {err}".splitlines()[0]) from None
     if gradient_checkpointing:
-        trunk.gradient_checkpointing_enable()
+        if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            trunk.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_mode(trunk)
     return trunk
