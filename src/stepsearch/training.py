@@ -32,16 +32,20 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bool):
-    """Old log-probs, reference log-probs and values, micro-batched, as ``[B, L-1]`` tensors."""
+def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bool, temperature: float = 1.0):
+    """Old log-probs, reference log-probs and values, micro-batched, as ``[B, L-1]`` tensors.
+
+    Log-probs are those of the sampling distribution, ``softmax(logits / temperature)`` (as veRL):
+    otherwise PPO's ratio would compare against a distribution the tokens were not drawn from.
+    """
     width = trajectory.input_ids.shape[1] - 1
     old_logp, ref_logp, values = [], [], []
     for rows in _micro_slices(len(trajectory), micro_batch_size):
         ids, attn, _ = _trimmed(trajectory, rows)
         logits, shared_values = actor_critic.policy_forward(ids, attn)
-        old_logp.append(_pad_to(core.logprobs_from_logits(logits.float(), ids[:, 1:]), width))
+        old_logp.append(_pad_to(core.logprobs_from_logits(logits.float() / temperature, ids[:, 1:]), width))
         ref_logits = actor_critic.reference_logits(ids, attn)
-        ref_logp.append(_pad_to(core.logprobs_from_logits(ref_logits.float(), ids[:, 1:]), width))
+        ref_logp.append(_pad_to(core.logprobs_from_logits(ref_logits.float() / temperature, ids[:, 1:]), width))
         if need_values:
             v = shared_values if shared_values is not None else actor_critic.critic_values(ids, attn)
             values.append(_pad_to(v.float(), width))
@@ -97,7 +101,9 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
     response_mask = ((positions[None, :] >= trajectory.prompt_lengths[:, None]) & attn.bool())[:, 1:].float()
     value_mask = response_mask if cfg.released_gae else policy_mask
 
-    old_logp, ref_logp, old_values = score_batch(ac, trajectory, cfg.micro_batch_size, need_values=not grpo)
+    temperature = max(module.rollout_config.temperature, 1e-6)
+    old_logp, ref_logp, old_values = score_batch(ac, trajectory, cfg.micro_batch_size, need_values=not grpo,
+                                                 temperature=temperature)
     token_scores = placed_scores[:, 1:].float()
     kl_tokens = core.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * policy_mask
     if grpo:
@@ -144,8 +150,9 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
                 width = length - 1
                 mask = policy_mask[rows_d, :width]
                 logits, shared_values = ac.policy_forward(mb_ids, mb_attn)
-                logp = core.logprobs_from_logits(logits.float(), mb_ids[:, 1:])
-                entropy = core.masked_mean(core.entropy_from_logits(logits.float()), mask)
+                scaled = logits.float() / temperature
+                logp = core.logprobs_from_logits(scaled, mb_ids[:, 1:])
+                entropy = core.masked_mean(core.entropy_from_logits(scaled), mask)
                 pg_loss, pg_stats = core.policy_loss(
                     logp, old_logp[rows_d, :width], advantages[rows_d, :width], mask, clip_eps=cfg.clip_eps)
                 loss = pg_loss - cfg.entropy_coef * entropy
