@@ -63,18 +63,26 @@ def _artifacts(client, run_id, path=None) -> list[str]:
 
 
 class PlacedRecorder:
-    """Wraps ``training.ppo_iteration`` to keep what each PPO iteration was given."""
+    """Wraps ``training.ppo_iteration`` (and the module's scoring) to keep what each PPO iteration
+    was given: (trajectory, placed rewards, trajectory scores)."""
 
     def __init__(self, monkeypatch):
+        import stepsearch.module as module_file
         import stepsearch.training as training
 
         self.calls: list[tuple] = []
-        original = training.ppo_iteration
+        original, original_score = training.ppo_iteration, module_file.score_trajectories
+        last_scores: list = []
 
-        def recording(module, trajectory, placed, scores):
-            self.calls.append((trajectory, placed.detach().clone(), scores))
-            return original(module, trajectory, placed, scores)
+        def scoring(*args, **kwargs):
+            last_scores[:] = [original_score(*args, **kwargs)]
+            return last_scores[0]
 
+        def recording(module, trajectory, placed):
+            self.calls.append((trajectory, placed.detach().clone(), last_scores[0]))
+            return original(module, trajectory, placed)
+
+        monkeypatch.setattr(module_file, "score_trajectories", scoring)
         monkeypatch.setattr(training, "ppo_iteration", recording)
 
 

@@ -37,6 +37,17 @@ COMMANDS: dict = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and k: a clear usage error for 0, negatives and non-numbers."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_command(subparsers, name: str, spec) -> None:
     if isinstance(spec, dict):
         group = subparsers.add_parser(name, help=f"{name} subcommands")

@@ -5,6 +5,10 @@ class StepSearchError(Exception):
     """An error the user can fix (bad file, bad field, bad flag). The message says how."""
 
 
+class ConfigError(StepSearchError, ValueError):
+    """A setting has a value outside its allowed set (named in the message)."""
+
+
 class DataError(StepSearchError):
     """Bad input data: the message names the file, the line or field, and the reason."""
 

@@ -132,8 +132,7 @@ class StepSearchPPO(pl.LightningModule):
         self.ppo = ppo or PPOSettings()
         rewards = rewards or RewardConfig()
         if self.ppo.algorithm == "ppo":  # Search-R1 baseline: the global answer reward only
-            rewards = replace(rewards, step_rewards=False, search_key_reward=False,
-                              information_gain=False, redundancy_penalty=False)
+            rewards = rewards.global_only()
         if self.ppo.algorithm not in ("steppo", "ppo", "grpo"):
             raise StepSearchError(f"model.ppo.algorithm must be steppo, ppo or grpo, got {self.ppo.algorithm!r}")
         self.reward_config = rewards
@@ -211,7 +210,7 @@ class StepSearchPPO(pl.LightningModule):
         scores = score_trajectories(trajectory.records, examples, self.reward_config)
         placed = place_rewards(scores, trajectory, self.reward_config)
         t2 = time.perf_counter()
-        stats = ppo_iteration(self, trajectory.to(self.device), placed.to(self.device), scores)
+        stats = ppo_iteration(self, trajectory.to(self.device), placed.to(self.device))
         t3 = time.perf_counter()
 
         metrics = {f"train/{k}": float(v) for k, v in summarize_scores(scores).items()}
@@ -227,8 +226,8 @@ class StepSearchPPO(pl.LightningModule):
             "time/tokens_per_s": tokens / max(t1 - t0, 1e-9),
             "train/kl_coef": float(self.kl_controller.value),
         })
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(examples))
-        self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, batch_size=len(examples))
+        self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, on_step=True, batch_size=len(examples))
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(examples))
         if self.log_samples_every_n_steps and iteration % self.log_samples_every_n_steps == 0:
             from stepsearch.tracking import log_trajectory_samples
 
@@ -267,23 +266,22 @@ class StepSearchPPO(pl.LightningModule):
     def evaluate_loader(self, loader, prefix: str) -> dict[str, float]:
         self.val_metrics.reset()
         for batch in loader:
-            self._eval_batch(batch, prefix)
+            self._eval_batch(batch)
         return self.val_metrics.compute(prefix)
 
-    def _eval_batch(self, batch, prefix: str):
+    def _eval_batch(self, batch) -> None:
         examples = list(batch)
         trajectory = self.engine.generate([ex.question for ex in examples], greedy=True)
         scores = score_trajectories(trajectory.records, examples, self.reward_config)
         self.val_metrics.update(examples, trajectory, scores)
         if self.val_metrics.samples is None:
             self.val_metrics.samples = (trajectory, scores, examples)
-        return scores
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
 
     def validation_step(self, batch, batch_idx):
-        self._eval_batch(batch, "val")
+        self._eval_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -292,15 +290,15 @@ class StepSearchPPO(pl.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch, batch_idx):
-        self._eval_batch(batch, "test")
+        self._eval_batch(batch)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
-        metrics = self.val_metrics.compute(prefix)
         if self.trainer.sanity_checking:
             return
+        metrics = self.val_metrics.compute(prefix)
         # Logged at step = PPO updates applied so far (as the step-0 pass); Lightning's default here is
         # one less, because validation runs before its batch counter moves on.
         self.log_dict({**metrics, "step": float(self.trainer.global_step)}, sync_dist=False)

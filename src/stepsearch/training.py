@@ -14,11 +14,6 @@ import torch
 from stepsearch.ppo import core
 
 
-def _micro_slices(n: int, size: int, order: torch.Tensor | None = None):
-    order = torch.arange(n) if order is None else order
-    return list(order.split(max(size, 1)))
-
-
 def _trimmed(trajectory, rows: torch.Tensor):
     """Rows of the batch cut to their longest real length (right padding is dead compute)."""
     ids = trajectory.input_ids[rows]
@@ -40,7 +35,7 @@ def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bo
     """
     width = trajectory.input_ids.shape[1] - 1
     old_logp, ref_logp, values = [], [], []
-    for rows in _micro_slices(len(trajectory), micro_batch_size):
+    for rows in torch.arange(len(trajectory)).split(max(micro_batch_size, 1)):
         ids, attn, _ = _trimmed(trajectory, rows)
         logits, shared_values = actor_critic.policy_forward(ids, attn)
         old_logp.append(_pad_to(core.logprobs_from_logits(logits.float() / temperature, ids[:, 1:]), width))
@@ -90,7 +85,7 @@ def _average_gradients(params, world_size: int) -> None:
             param.grad.div_(world_size)
 
 
-def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> dict[str, float]:
+def ppo_iteration(module, trajectory, placed_scores: torch.Tensor) -> dict[str, float]:
     """Advantages from the rollout, then ``ppo_epochs`` × minibatch updates. Returns logged stats."""
     ac, cfg = module.actor_critic, module.ppo
     grpo = cfg.algorithm == "grpo"
@@ -105,15 +100,15 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor, scores) -> di
     old_logp, ref_logp, old_values = score_batch(ac, trajectory, cfg.micro_batch_size, need_values=not grpo,
                                                  temperature=temperature)
     token_scores = placed_scores[:, 1:].float()
-    kl_tokens = core.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * policy_mask
     if grpo:
+        kl_tokens = core.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * policy_mask
         sequence_scores = token_scores.sum(1)
         groups = torch.arange(batch, device=ids.device) // cfg.grpo_group_size
         advantages = core.grpo_advantages(sequence_scores, groups)[:, None] * policy_mask
         returns = torch.zeros_like(advantages)
     else:
         beta = module.kl_controller.value
-        token_rewards, _ = core.kl_shaped_rewards(token_scores, old_logp, ref_logp, policy_mask, beta, cfg.kl_estimator)
+        token_rewards, kl_tokens = core.kl_shaped_rewards(token_scores, old_logp, ref_logp, policy_mask, beta, cfg.kl_estimator)
         advantages, returns = core.compute_gae(
             token_rewards, old_values, policy_mask, gamma=cfg.gamma, lam=cfg.lam,
             skip_masked=not cfg.released_gae, response_mask=response_mask,

@@ -113,3 +113,32 @@ def test_flashrag_wrong_types(tmp_path):
     assert [ex.answers for ex in result.examples] == [["x", "3"]]
     assert [(s.line, s.kind) for s in result.skipped] == [(2, "wrong type"), (3, "wrong type"), (4, "answers missing"), (5, "not an object")]
     assert result.examples[0].dataset == "nq"
+
+
+def test_unwritable_outputs_are_one_clear_error(tmp_path, raw_dir):
+    """A directory given as an output file: DataError naming the path, not an IsADirectoryError."""
+    import pytest
+
+    from stepsearch.data.corpus import write_corpus
+    from stepsearch.data.formats import write_examples
+    from stepsearch.data.sources import load_examples
+    from stepsearch.errors import DataError
+
+    examples = load_examples(str(raw_dir / "bamboogle_test.jsonl"))[:2]
+    with pytest.raises(DataError, match=f"cannot write {tmp_path}"):
+        write_examples(examples, tmp_path)
+    with pytest.raises(DataError, match=f"cannot write {tmp_path}"):
+        write_corpus([], tmp_path)
+
+
+def test_count_flags_reject_zero():
+    import argparse
+
+    import pytest
+
+    from stepsearch.cli import positive_int
+
+    assert positive_int("3") == 3
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
+            positive_int(bad)

@@ -109,6 +109,6 @@ def test_config_validation_and_baseline():
         RewardConfig(answer_metric="bleu")
     with pytest.raises(ValueError):
         RewardConfig(key_update="min")
-    base = RewardConfig.global_only()
+    base = RewardConfig().global_only()
     assert not (base.search_key_reward or base.information_gain or base.redundancy_penalty or base.step_rewards)
     assert RewardConfig().step_reward_scale == 1.6 and RewardConfig().key_weight == 0.618

@@ -123,7 +123,7 @@ def test_place_rewards_positions_and_scale():
 
 def test_switches_give_the_ablations():
     traj, examples = make_batch()
-    base = RewardConfig.global_only()
+    base = RewardConfig().global_only()
     scores = score_trajectories(traj.records, examples, base)
     assert scores[0].global_score == pytest.approx(1.0)  # no key term
     assert scores[0].step_scores == [] and scores[0].info_gains  # IG still logged

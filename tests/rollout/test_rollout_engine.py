@@ -33,8 +33,17 @@ def _check_layout(traj, tokenizer):
 
 
 def test_protocol_conformance(tiny, retriever):
+    # isinstance on a runtime Protocol only checks that `generate` exists: compare signatures too.
+    import inspect
+
     model, tokenizer = tiny
-    assert isinstance(HFRolloutEngine(model, tokenizer, retriever, CONFIG), RolloutEngine)
+    engine = HFRolloutEngine(model, tokenizer, retriever, CONFIG)
+    assert isinstance(engine, RolloutEngine)
+    expected = inspect.signature(RolloutEngine.generate).parameters
+    actual = inspect.signature(type(engine).generate).parameters
+    assert list(actual) == list(expected)
+    assert [p.kind for p in actual.values()] == [p.kind for p in expected.values()]
+    assert actual["greedy"].default is False and actual["seed"].default is None
 
 
 def test_sampling_is_seeded(tiny, retriever):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stepsearch.cli import positive_int
+
 OUTPUT_FORMATS = ("stepsearch", "stepsearch_release", "searchr1_parquet")
 INPUT_FORMATS = ("stepsearch", "hotpotqa", "musique", "2wiki", "flashrag", "stepsearch_release", "searchr1_parquet")
 
@@ -21,10 +23,10 @@ def configure_data_build(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--filter", action="store_true", help="build a BM25 index over the written corpus and keep only keys that retrieve their golden passage")
     group.add_argument("--filter-index", metavar="DIR", help="filter keys with this existing index (BM25 or dense) instead")
-    parser.add_argument("--filter-k", type=int, default=3, help="a key is kept if a golden passage is in its top-k (default: %(default)s)")
+    parser.add_argument("--filter-k", type=positive_int, default=3, help="a key is kept if a golden passage is in its top-k (default: %(default)s)")
     parser.add_argument("--split", default=None, help="split to read when --input is a hub dataset")
     parser.add_argument("--strict", action="store_true", help="fail at the first bad row instead of skipping it")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many examples")
+    parser.add_argument("--limit", type=positive_int, default=None, help="stop after this many examples")
 
 
 def configure_data_convert(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,7 @@ def configure_data_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset name to record on every example (default: inferred)")
     parser.add_argument("--template", default="think", help="prompt template for Search-R1 parquet rows (default: %(default)s)")
     parser.add_argument("--strict", action="store_true", help="fail at the first bad row instead of skipping it")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many examples")
+    parser.add_argument("--limit", type=positive_int, default=None, help="stop after this many examples")
 
 
 def _skips_table(skipped, limit: int = 10):

@@ -43,6 +43,13 @@ def write_corpus(passages: Iterable[Passage], path: str | Path) -> int:
     Raises :class:`DataError` when two different paragraphs share an id (a hash collision).
     """
     path = Path(path)
+    try:
+        return _write_unique(passages, path)
+    except OSError as err:
+        raise DataError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _write_unique(passages: Iterable[Passage], path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     digests: dict[str, str] = {}
     with path.open("w", encoding="utf-8") as f:

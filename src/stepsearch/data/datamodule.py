@@ -166,8 +166,11 @@ class StepSearchDataModule(pl.LightningDataModule):
 
         examples: list[Example] = []
         for path in files:
-            examples += load_examples(path, format=self.format, strict=self.strict)
-        return examples[:limit] if limit is not None else examples
+            if limit is not None and len(examples) >= limit:
+                break  # the cap is met: later files need not be read
+            remaining = None if limit is None else limit - len(examples)
+            examples += load_examples(path, format=self.format, strict=self.strict, limit=remaining)
+        return examples
 
     def setup(self, stage: str | None = None) -> None:
         """Read the splits the stage needs (each once)."""

@@ -278,6 +278,13 @@ def write_examples(
     if format not in WRITABLE_FORMATS:
         raise DataError(f"cannot write format {format!r}; writable formats: {', '.join(WRITABLE_FORMATS)}")
     path = Path(path)
+    try:
+        return _write_rows(examples, path, format, split, template)
+    except OSError as err:
+        raise DataError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _write_rows(examples, path: Path, format: str, split: str, template: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if format == "searchr1_parquet":
         import pyarrow as pa

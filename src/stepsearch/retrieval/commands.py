@@ -12,19 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from stepsearch.cli import positive_int
 from stepsearch.errors import DataError, StepSearchError
 
 QUERY_FIELDS = ("query", "question")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # ----------------------------------------------------------------------------- index build
@@ -34,7 +25,7 @@ def configure_index_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", required=True, help="JSONL corpus: {id, contents} (wiki-18) or {id, title, text}")
     parser.add_argument("--index", required=True, help="output index directory (new, empty, or an index to replace)")
     parser.add_argument("--kind", choices=("bm25", "dense"), default="bm25", help="index type (default: bm25)")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="indexing threads (default: 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="indexing threads (default: 2)")
     parser.add_argument("--strict", action="store_true", help="fail on the first bad corpus line instead of skipping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     dense = parser.add_argument_group("dense options")
@@ -42,8 +33,8 @@ def configure_index_build(parser: argparse.ArgumentParser) -> None:
     dense.add_argument("--query-prefix", default="query: ", help="prefix recorded for queries (default: 'query: ')")
     dense.add_argument("--passage-prefix", default="passage: ", help="prefix for passages (default: 'passage: ')")
     dense.add_argument("--faiss", choices=("flat", "hnsw"), default="flat", help="FAISS index type (default: flat)")
-    dense.add_argument("--batch-size", type=_positive_int, default=64, help="encoding batch size (default: 64)")
-    dense.add_argument("--max-length", type=_positive_int, default=256, help="max tokens per passage (default: 256)")
+    dense.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch size (default: 64)")
+    dense.add_argument("--max-length", type=positive_int, default=256, help="max tokens per passage (default: 256)")
 
 
 def run_index_build(args: argparse.Namespace) -> int:
@@ -96,9 +87,9 @@ def configure_search(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--url", help="search a running service instead (http://HOST:PORT)")
     parser.add_argument("--queries", help="file of queries: JSONL with a 'query' field, or one query per line")
     parser.add_argument("--output", help="JSONL output for --queries (default: stdout)")
-    parser.add_argument("-k", "--k", type=_positive_int, default=3, help="passages per query (default: 3)")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="search threads (default: 2)")
-    parser.add_argument("--batch-size", type=_positive_int, default=1000, help="queries per batch call (default: 1000)")
+    parser.add_argument("-k", "--k", type=positive_int, default=3, help="passages per query (default: 3)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="search threads (default: 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=1000, help="queries per batch call (default: 1000)")
     parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
     parser.add_argument("--bm25-k1", type=float, default=0.9, help="BM25 k1 (default: 0.9)")
     parser.add_argument("--bm25-b", type=float, default=0.4, help="BM25 b (default: 0.4)")
@@ -212,12 +203,12 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None, help="build a bm25 index from this JSONL first if --index is missing")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, local only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--threads", type=_positive_int, default=2, help="search threads (default: 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="search threads (default: 2)")
     parser.add_argument("--cache-size", type=int, default=0, help="LRU cache entries (default: 0 = off)")
-    parser.add_argument("--topk", type=_positive_int, default=3, help="default topk when a request has none")
-    parser.add_argument("--max-batch", type=_positive_int, default=512, help="max queries per request")
-    parser.add_argument("--max-query-chars", type=_positive_int, default=4096, help="max characters per query")
-    parser.add_argument("--max-topk", type=_positive_int, default=100, help="max topk per request")
+    parser.add_argument("--topk", type=positive_int, default=3, help="default topk when a request has none")
+    parser.add_argument("--max-batch", type=positive_int, default=512, help="max queries per request")
+    parser.add_argument("--max-query-chars", type=positive_int, default=4096, help="max characters per query")
+    parser.add_argument("--max-topk", type=positive_int, default=100, help="max topk per request")
     parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 

@@ -50,17 +50,18 @@ class RewardConfig:
     trailing_ignore: tuple[str, ...] = DEFAULT_TRAILING_IGNORE
 
     def __post_init__(self) -> None:
+        from stepsearch.errors import ConfigError
+
         if self.answer_metric not in ("f1", "em"):
-            raise ValueError(f"RewardConfig.answer_metric must be 'f1' or 'em', got {self.answer_metric!r}")
+            raise ConfigError(f"model.rewards.answer_metric must be 'f1' or 'em', got {self.answer_metric!r}")
         if self.key_update not in ("overwrite", "max"):
-            raise ValueError(f"RewardConfig.key_update must be 'overwrite' or 'max', got {self.key_update!r}")
+            raise ConfigError(f"model.rewards.key_update must be 'overwrite' or 'max', got {self.key_update!r}")
         if self.similarity not in ("tfidf", "dense"):
-            raise ValueError(f"RewardConfig.similarity must be 'tfidf' or 'dense', got {self.similarity!r}")
+            raise ConfigError(f"model.rewards.similarity must be 'tfidf' or 'dense', got {self.similarity!r}")
         self.environment_tags = tuple(self.environment_tags)
         self.trailing_ignore = tuple(self.trailing_ignore)
 
-    @classmethod
-    def global_only(cls, **overrides) -> "RewardConfig":
-        """The plain global-reward baseline: answer reward and format gate only."""
-        base = cls(search_key_reward=False, information_gain=False, redundancy_penalty=False, step_rewards=False)
-        return replace(base, **overrides)
+    def global_only(self, **overrides) -> "RewardConfig":
+        """This config as the plain global-reward baseline: answer reward and format gate only."""
+        return replace(self, search_key_reward=False, information_gain=False, redundancy_penalty=False,
+                       step_rewards=False, **overrides)

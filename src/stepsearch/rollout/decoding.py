@@ -204,11 +204,12 @@ class DecodeSession:
         while True:
             tokens = sample_next(logits.index_select(0, torch.tensor(running, device=logits.device)),
                                  self.greedy, self.temperature, self.top_p, self.generator)
-            for slot, token in zip(running, tokens.tolist()):
+            token_list = tokens.tolist()  # one device sync per step
+            for slot, token in zip(running, token_list):
                 generated[self.keys[slot]].append(token)
             reasons = self.stop_rule.classify(tokens, [generated[self.keys[slot]] for slot in running])
             still, fed_tokens, finished = [], [], []
-            for slot, token, reason in zip(running, tokens.tolist(), reasons):
+            for slot, token, reason in zip(running, token_list, reasons):
                 key = self.keys[slot]
                 reason = reason or ("length" if len(generated[key]) >= limits[key] else None)
                 if reason is None:
@@ -221,7 +222,8 @@ class DecodeSession:
             if not still:
                 break
             if finished:  # finished rows leave the cache now; the others keep their slots
-                kept = [slot for slot in range(len(self.keys)) if slot not in set(finished)]
+                finished_set = set(finished)
+                kept = [slot for slot in range(len(self.keys)) if slot not in finished_set]
                 remap = {old: new for new, old in enumerate(kept)}
                 self._keep(kept)
                 still = [remap[slot] for slot in still]
