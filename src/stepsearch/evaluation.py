@@ -14,19 +14,47 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
+import torch
+
 
 class EvalAccumulator:
-    """Running EM/F1 (overall and per dataset), reward, format-valid rate, searches per trajectory."""
+    """Running EM/F1 (overall, per dataset and per hop count), reward, format-valid rate, searches.
 
-    def __init__(self):
+    Hop counts come from the examples' sub-questions (multi-hop data with decompositions and the
+    synthetic world); examples without them are not counted per hop.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.reset()
 
-    def reset(self) -> None:
-        from stepsearch.metrics import ExactMatch, TokenF1
+    def to(self, device: torch.device | str) -> EvalAccumulator:
+        """Keep metric states on ``device``: under multi-GPU (NCCL) their sync needs CUDA tensors."""
+        self.device = torch.device(device)
+        for metric in self._metrics():
+            metric.to(self.device)
+        return self
 
-        self._em_cls, self._f1_cls = ExactMatch, TokenF1
-        self.em, self.f1 = ExactMatch(), TokenF1()
+    def _metrics(self):
+        yield self.em
+        yield self.f1
+        for pair in (*self.per_dataset.values(), *self.per_hops.values()):
+            yield from pair
+
+    def _new_em(self):
+        from stepsearch.metrics import ExactMatch
+
+        return ExactMatch().to(self.device)
+
+    def _new_f1(self):
+        from stepsearch.metrics import TokenF1
+
+        return TokenF1().to(self.device)
+
+    def reset(self) -> None:
+        self.em, self.f1 = self._new_em(), self._new_f1()
         self.per_dataset: dict[str, tuple] = {}
+        self.per_hops: dict[int, tuple] = {}
         self.sums: dict[str, float] = defaultdict(float)
         self.count = 0
         self.samples = None
@@ -39,10 +67,17 @@ class EvalAccumulator:
         for ex, pred in zip(examples, preds):
             name = ex.dataset or "default"
             if name not in self.per_dataset:
-                self.per_dataset[name] = (self._em_cls(), self._f1_cls())
+                self.per_dataset[name] = (self._new_em(), self._new_f1())
             em, f1 = self.per_dataset[name]
             em.update([pred], [ex.answers])
             f1.update([pred], [ex.answers])
+            hops = len(ex.sub_questions or [])
+            if hops:
+                if hops not in self.per_hops:
+                    self.per_hops[hops] = (self._new_em(), self._new_f1())
+                em, f1 = self.per_hops[hops]
+                em.update([pred], [ex.answers])
+                f1.update([pred], [ex.answers])
         for rec, score in zip(trajectory.records, scores):
             self.sums["reward"] += score.global_score
             self.sums["format_ok"] += float(score.format_ok)
@@ -59,6 +94,10 @@ class EvalAccumulator:
             for name, (em, f1) in sorted(self.per_dataset.items()):
                 out[f"{prefix}/{name}/em"] = float(em.compute())
                 out[f"{prefix}/{name}/f1"] = float(f1.compute())
+        if len(self.per_hops) > 1:  # one hop count alone would repeat the overall numbers
+            for hops, (em, f1) in sorted(self.per_hops.items()):
+                out[f"{prefix}/hops_{hops}/em"] = float(em.compute())
+                out[f"{prefix}/hops_{hops}/f1"] = float(f1.compute())
         return out
 
 

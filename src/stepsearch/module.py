@@ -174,6 +174,14 @@ class StepSearchPPO(pl.LightningModule):
         self.actor_critic = ActorCritic(self.model_settings)
 
     def setup(self, stage: str) -> None:
+        if "fsdp" in type(self.trainer.strategy).__name__.lower():
+            # Seen on an H200 (torch 2.11, Lightning 2.6): a PPO iteration runs rollouts, scoring passes
+            # and several backward passes inside one training_step, i.e. inside the FSDP root's
+            # forward, and FSDP's handle state machine rejects the backward ("Expects BACKWARD_PRE or
+            # BACKWARD_POST state but got FORWARD"). Fail here, in one line, not mid-iteration.
+            raise StepSearchError("trainer.strategy: FSDP is not supported by StepSearchPPO yet (one PPO iteration "
+                                  "runs several backward passes inside training_step, which FSDP rejects); use ddp, "
+                                  "or LoRA (model.model.lora) to fit larger models")
         self.configure_model()
         from stepsearch.rollout.engine import HFRolloutEngine
 
@@ -264,7 +272,7 @@ class StepSearchPPO(pl.LightningModule):
             logger.log_metrics(metrics, step=0)
 
     def evaluate_loader(self, loader, prefix: str) -> dict[str, float]:
-        self.val_metrics.reset()
+        self.val_metrics.to(self.device).reset()
         for batch in loader:
             self._eval_batch(batch)
         return self.val_metrics.compute(prefix)
@@ -278,7 +286,7 @@ class StepSearchPPO(pl.LightningModule):
             self.val_metrics.samples = (trajectory, scores, examples)
 
     def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
+        self.val_metrics.to(self.device).reset()
 
     def validation_step(self, batch, batch_idx):
         self._eval_batch(batch)
@@ -287,7 +295,7 @@ class StepSearchPPO(pl.LightningModule):
         self._log_eval("val")
 
     def on_test_epoch_start(self) -> None:
-        self.val_metrics.reset()
+        self.val_metrics.to(self.device).reset()
 
     def test_step(self, batch, batch_idx):
         self._eval_batch(batch)

@@ -4,7 +4,7 @@ The module (``StepSearchPPO``) and the DataModule (``StepSearchDataModule``) sig
 schema (``python -m stepsearch fit --print_config`` shows it). Defaults: MLflow logger at
 ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``, no sanity validation (the module runs its own
 step-0 validation), resolved config logged to MLflow. Every Lightning flag applies, e.g.
-``--trainer.strategy ddp|fsdp|deepspeed --trainer.devices 8 --trainer.num_nodes 2``.
+``--trainer.strategy ddp|deepspeed --trainer.devices 8 --trainer.num_nodes 2`` (FSDP is refused: see README).
 """
 
 from __future__ import annotations
