@@ -49,33 +49,14 @@ def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bo
 
 
 def _grad_norm_and_clip(module, optimizer, params, max_norm: float) -> float:
-    """Clip by global norm and return the norm before clipping.
-
-    DeepSpeed clips inside its engine (its ``gradient_clipping`` setting). Under FSDP each rank holds
-    a shard of every gradient (``use_orig_params``: the original parameters are views of their
-    shard), so ``clip_grad_norm_`` would see a local norm and Lightning refuses norm clipping
-    there: the squared norms of the shards are summed across ranks instead.
-    """
-    strategy = module.trainer.strategy
-    name = type(strategy).__name__.lower()
-    if "deepspeed" in name:
+    """Clip by global norm and return the norm before clipping (DeepSpeed clips inside its engine,
+    by its ``gradient_clipping`` setting; FSDP is refused at setup, see ``StepSearchPPO.setup``)."""
+    if "deepspeed" in type(module.trainer.strategy).__name__.lower():
         return float("nan")
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    if "fsdp" not in name:
-        return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
-    squared = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    sharding = str(getattr(strategy, "sharding_strategy", "")).upper()
-    if torch.distributed.is_initialized() and strategy.world_size > 1 and "NO_SHARD" not in sharding:
-        torch.distributed.all_reduce(squared)  # shards are disjoint: their squared norms add up
-        if "HYBRID" in sharding:  # sharded within a node, replicated across nodes
-            squared = squared / max(module.trainer.num_nodes, 1)
-    norm = squared.sqrt()
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return float(norm)
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
 
 
 def _ddp_strategy(module):
