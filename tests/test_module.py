@@ -156,6 +156,20 @@ def test_fit_logs_metrics_and_artifacts_to_mlflow(fitted):
     assert "| val/em |" in summary and "| val/f1 |" in summary
 
 
+def test_fit_writes_the_trained_policy_in_hugging_face_format(fitted):
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = fitted["root"] / "policy"  # beside the checkpoint folder (root / "ckpt")
+    run = mlflow.tracking.MlflowClient(fitted["uri"]).get_run(fitted["logger"].run_id)
+    assert run.data.tags["policy_dir"] == str(out.resolve())
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == fitted["module"].actor_critic.tokenizer.get_vocab()
+    trained = dict(fitted["module"].actor_critic.policy.named_parameters())
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, trained[name].detach().cpu()), name  # the trained weights, not the initial ones
+
+
 def test_resume_from_last_checkpoint_runs_one_more_iteration(fitted, training_env):
     root = fitted["root"] / "resume"
     uri = f"sqlite:///{root}/mlflow.db"

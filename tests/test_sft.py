@@ -11,10 +11,12 @@ from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
 from stepsearch.errors import StepSearchError
 from stepsearch.sft import (
     BootstrapSettings,
+    Demonstration,
     TinyModelSettings,
     WarmStartSettings,
     collect_golden_trajectories,
     golden_turns,
+    plan_demonstrations,
     run_bootstrap,
     run_warm_start,
     sft_loss,
@@ -49,6 +51,43 @@ def test_golden_turns_key_index_and_hops_without_keys():
         "<think> Where was Ann Lee born? </think>\n<search> Where was Ann Lee born? </search>",
         "<answer> Vaskwick </answer>",
     ]
+
+
+def test_premature_demonstrations_stop_early_and_answer_what_they_have():
+    example = _two_hop()
+    # after one search: the entity that hop found (copied from its observation)
+    assert golden_turns(example, demo=Demonstration(searches=1, answer="Ann Lee")) == [
+        "<think> Who directed Red Harbor? </think>\n<search> Who directed Red Harbor? </search>",
+        "<answer> Ann Lee </answer>",
+    ]
+    assert golden_turns(example, demo=Demonstration(searches=0, answer="Oslo")) == ["<answer> Oslo </answer>"]
+
+
+def test_plan_demonstrations_fraction_and_guesses():
+    examples = []
+    for i in range(400):
+        ex = _two_hop()
+        ex.id, ex.answers = str(i), [f"city{i}"]
+        examples.append(ex)
+    assert plan_demonstrations(examples, 0.0) == [Demonstration()] * 400
+    plans = plan_demonstrations(examples, 0.5, seed=3)
+    assert plans == plan_demonstrations(examples, 0.5, seed=3)  # seeded
+    early = [(ex, d) for ex, d in zip(examples, plans) if d.searches is not None]
+    assert 160 <= len(early) <= 240  # ~ half of 400 (binomial sd 10)
+    assert {d.searches for _, d in early} == {0, 1}  # k uniform in 0..hops-1
+    for ex, d in early:
+        if d.searches == 1:
+            assert d.answer == "Ann Lee"  # what hop 1 found
+        else:
+            assert d.answer not in ex.answers and d.answer.startswith("city")  # another question's answer
+    assert all(d.searches is not None for d in plan_demonstrations(examples, 1.0))
+
+
+def test_guess_fraction_out_of_range_is_a_config_error():
+    from stepsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="guess_fraction"):
+        WarmStartSettings(guess_fraction=1.5)
 
 
 @pytest.fixture(scope="module")

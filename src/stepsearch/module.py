@@ -325,7 +325,20 @@ class StepSearchPPO(pl.LightningModule):
                  "searches": [s.query for s in rec.steps]} for ex, rec in zip(examples, trajectory.records)]
 
     def on_fit_end(self) -> None:
-        if self.global_rank == 0 and self.history:
-            from stepsearch.tracking import report_before_after
+        if self.global_rank != 0:
+            return
+        out = self.policy_export_dir()
+        self.actor_critic.save_policy(out)
+        from stepsearch.tracking import log_policy_dir, report_before_after
 
+        log_policy_dir(self.logger, out)
+        if self.history:
             report_before_after(self.history, self.logger)
+        print(f"trained policy (Hugging Face format): {out}")
+
+    def policy_export_dir(self) -> Path:
+        """``policy/`` beside the run's checkpoint folder (one per run), else under ``default_root_dir``."""
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return Path(callback.dirpath).parent / "policy"
+        return Path(self.trainer.default_root_dir) / "policy"

@@ -48,7 +48,14 @@ class WarmStartSettings:
         epochs: passes over the golden trajectories.
         lr: AdamW learning rate. batch_size: trajectories per step.
         key_index: which search key of each hop to write (0 = the natural sub-question).
-        require_golden_hits: drop trajectories whose retrieval missed a golden passage.
+        require_golden_hits: drop trajectories whose retrieval missed a golden passage (of the hops
+            the demonstration searched).
+        guess_fraction: fraction of demonstrations in which the demonstrator answers before it has
+            searched every hop: it stops after ``k`` searches (``k`` uniform in ``0..hops-1``) and
+            answers with the last entity it found, or, with no search at all, with the answer of
+            another question (a guess). The warm-started policy then under-uses search, as instruct
+            LLMs do before RL; the quickstart uses this so that RL has a behaviour to learn (that
+            searching pays). 0 = every demonstration searches every hop.
     """
 
     data: list[str] = field(default_factory=lambda: ["data/world/train.jsonl"])
@@ -60,7 +67,14 @@ class WarmStartSettings:
     batch_size: int = 16
     key_index: int = 0
     require_golden_hits: bool = True
+    guess_fraction: float = 0.0
     seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.guess_fraction <= 1.0:
+            from stepsearch.errors import ConfigError
+
+            raise ConfigError(f"warm_start.guess_fraction must be in [0, 1], got {self.guess_fraction}")
 
 
 @dataclass
@@ -71,47 +85,85 @@ class BootstrapSettings:
     warm_start: WarmStartSettings | None = None
 
 
-def golden_turns(example, key_index: int = 0) -> list[str]:
-    """The policy's turns of a golden trajectory: one search per hop, then the answer."""
+@dataclass(frozen=True)
+class Demonstration:
+    """How one example is demonstrated: the first ``searches`` hops, then ``answer``.
+    ``searches=None`` and ``answer=None`` mean every hop and the gold answer (a golden trajectory)."""
+
+    searches: int | None = None
+    answer: str | None = None
+
+
+def golden_turns(example, key_index: int = 0, demo: Demonstration = Demonstration()) -> list[str]:
+    """The policy's turns of a demonstration: one search per hop (or the first ``demo.searches``),
+    then the answer."""
+    subs = [sub for sub in example.sub_questions if sub.search_keys]
+    if demo.searches is not None:
+        subs = subs[:demo.searches]
     turns = []
-    for sub in example.sub_questions:
-        if not sub.search_keys:
-            continue
+    for sub in subs:
         key = sub.search_keys[min(key_index, len(sub.search_keys) - 1)]
         turns.append(f"<think> {sub.question} </think>\n<search> {key} </search>")
-    turns.append(f"<answer> {example.answers[0]} </answer>")
+    turns.append(f"<answer> {demo.answer if demo.answer is not None else example.answers[0]} </answer>")
     return turns
 
 
-def _fits_rollout(example, tokenizer, rollout_config, key_index: int) -> bool:
+def plan_demonstrations(examples, guess_fraction: float, seed: int = 0) -> list[Demonstration]:
+    """One :class:`Demonstration` per example: golden, or (``guess_fraction`` of them, seeded) a
+    premature answer after ``k < hops`` searches: the entity found by hop ``k`` (copied from the
+    last observation), or for ``k = 0`` another example's answer."""
+    rng = random.Random(seed)
+    pool = [ex.answers[0] for ex in examples if ex.answers]
+    plans = []
+    for ex in examples:
+        subs = [sub for sub in ex.sub_questions if sub.search_keys]
+        if not subs or rng.random() >= guess_fraction:
+            plans.append(Demonstration())
+            continue
+        k = rng.randrange(len(subs))
+        if k > 0 and subs[k - 1].answer:
+            guess = subs[k - 1].answer
+        else:
+            others = [a for a in pool if a not in ex.answers] or pool
+            guess = rng.choice(others)
+        plans.append(Demonstration(searches=k, answer=guess))
+    return plans
+
+
+def _fits_rollout(example, tokenizer, rollout_config, key_index: int, demo: Demonstration = Demonstration()) -> bool:
     """Whether the engine can replay the golden turns whole (else the scripted turn is cut short)."""
-    turns = golden_turns(example, key_index)
+    turns = golden_turns(example, key_index, demo)
     if len(turns) - 1 > rollout_config.max_turns:
         return False
     return all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= rollout_config.max_response_tokens
                for t in turns)
 
 
-def _hit_all_golden(example, record) -> bool:
+def _hit_all_golden(example, record, demo: Demonstration = Demonstration()) -> bool:
+    """Whether retrieval found every golden passage of the hops the demonstration searched."""
     retrieved = {pid for step in record.steps for pid in step.passage_ids}
-    return all(g.id in retrieved for g in example.golden_passages)
+    subs = [sub for sub in example.sub_questions if sub.search_keys]
+    searched = subs if demo.searches is None else subs[:demo.searches]
+    return all(g.id in retrieved for sub in searched for g in sub.golden)
 
 
 def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, key_index: int = 0,
-                                require_golden_hits: bool = True, batch_size: int = 32):
+                                require_golden_hits: bool = True, batch_size: int = 32, demos=None):
     """Run the engine with a scripted policy; returns (trajectories, kept, dropped)."""
     from stepsearch.rollout.engine import HFRolloutEngine
     from stepsearch.rollout.scripted import ScriptedPolicy
 
+    demos = list(demos) if demos is not None else [Demonstration()] * len(examples)
     batches, kept, dropped = [], 0, 0
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        policy = ScriptedPolicy(tokenizer, [(ex.question, golden_turns(ex, key_index)) for ex in chunk])
+        chunk, plans = examples[start:start + batch_size], demos[start:start + batch_size]
+        policy = ScriptedPolicy(tokenizer, [(ex.question, golden_turns(ex, key_index, demo))
+                                            for ex, demo in zip(chunk, plans)])
         engine = HFRolloutEngine(policy, tokenizer, retriever, rollout_config)
         trajectory = engine.generate([ex.question for ex in chunk], greedy=True)
         # An unfinished record was cut by the context cap before its answer: nothing to imitate.
         keep = [i for i, ex in enumerate(chunk) if trajectory.records[i].finished
-                and (not require_golden_hits or _hit_all_golden(ex, trajectory.records[i]))]
+                and (not require_golden_hits or _hit_all_golden(ex, trajectory.records[i], plans[i]))]
         kept += len(keep)
         dropped += len(chunk) - len(keep)
         if keep:
@@ -199,7 +251,9 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     if not examples:
         raise StepSearchError("warm-start: no examples with sub-questions (and the requested hop counts) in its data")
     console = Console()
-    fitting = [ex for ex in examples if _fits_rollout(ex, tokenizer, rollout_config, settings.key_index)]
+    plans = plan_demonstrations(examples, settings.guess_fraction, settings.seed)
+    fitting = [(ex, demo) for ex, demo in zip(examples, plans)
+               if _fits_rollout(ex, tokenizer, rollout_config, settings.key_index, demo)]
     if not fitting:
         raise StepSearchError(
             f"warm-start: no golden trajectory fits the rollout limits (a turn longer than rollout.max_response_tokens="
@@ -208,10 +262,12 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     if len(fitting) < len(examples):
         console.print(f"warm-start: skipping {len(examples) - len(fitting)} examples whose golden turns exceed "
                       "rollout.max_response_tokens or rollout.max_turns")
-    examples = fitting
-    console.print(f"warm-start: collecting golden trajectories for {len(examples)} examples")
+    examples, plans = [ex for ex, _ in fitting], [demo for _, demo in fitting]
+    guesses = sum(demo.searches is not None for demo in plans)
+    console.print(f"warm-start: collecting demonstrations for {len(examples)} examples"
+                  + (f" ({guesses} answer before searching every hop)" if guesses else ""))
     trajectories, kept, dropped = collect_golden_trajectories(
-        examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits)
+        examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits, demos=plans)
     if kept == 0:
         raise StepSearchError("warm-start: retrieval missed a golden passage in every golden trajectory; "
                               "check the index was built from the same corpus as the data")
@@ -224,7 +280,8 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    summary = {"examples": len(examples), "kept": kept, "dropped_missed_golden": dropped, "steps": len(losses),
+    summary = {"examples": len(examples), "guess_demonstrations": guesses, "kept": kept,
+               "dropped_missed_golden": dropped, "steps": len(losses),
                "first_loss": losses[0], "last_loss": losses[-1], "base": base}
     (out_dir / "warm_start.json").write_text(json.dumps(summary, indent=2))
     console.print(f"warm-start: {kept} trajectories ({dropped} dropped), loss {losses[0]:.3f} -> {losses[-1]:.3f}, saved to {out_dir}")
@@ -264,6 +321,8 @@ def configure_sft(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--template", default="think", choices=["think", "plan", "compact"])
+    parser.add_argument("--guess-fraction", type=float, default=0.0,
+                        help="fraction of demonstrations that answer before searching every hop (see WarmStartSettings)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -277,7 +336,8 @@ def run_sft(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     examples = [ex for path in args.data for ex in load_examples(path)]
     settings = WarmStartSettings(data=args.data, hops=args.hops, max_examples=args.max_examples, epochs=args.epochs,
-                                 lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+                                 lr=args.lr, batch_size=args.batch_size, guess_fraction=args.guess_fraction,
+                                 seed=args.seed)
     retriever = build_retriever(RetrieverConfig(index=args.index))
     run_warm_start(args.model, args.out, examples, retriever, RolloutConfig(template=args.template), settings)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from pathlib import Path
 
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -129,6 +130,13 @@ def log_trajectory_samples(logger, tokenizer, trajectory, scores, examples, name
     rows = trajectory_rows(tokenizer, trajectory, scores, examples, limit)
     client.log_text(run_id, "\n".join(json.dumps(r) for r in rows) + "\n", f"{name}.jsonl")
     client.log_text(run_id, trajectory_html(tokenizer, trajectory, rows), f"{name}.html")
+
+
+def log_policy_dir(logger, path) -> None:
+    """Record where the trained policy was written (MLflow tag ``policy_dir``)."""
+    client, run_id = _mlflow_target(logger)
+    if client is not None:
+        client.set_tag(run_id, "policy_dir", str(Path(path).resolve()))
 
 
 def report_before_after(history: dict[str, dict[str, float]], logger) -> str:

@@ -174,6 +174,13 @@ class ActorCritic(nn.Module):
         """The module the rollout engine generates with (the live policy, updated in place by PPO)."""
         return self.policy
 
+    def save_policy(self, out_dir) -> None:
+        """Write the trained policy and its tokenizer as a Hugging Face model directory (LoRA merged
+        into a copy of the base), loadable by ``from_pretrained`` and ``python -m stepsearch evaluate``."""
+        model = copy.deepcopy(self.policy).merge_and_unload() if self.uses_lora else self.policy
+        model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+
 
 def checkpointing_mode(model: nn.Module) -> None:
     """Train mode, so Hugging Face layers apply activation checkpointing (they do only when
