@@ -146,6 +146,29 @@ def test_collect_golden_trajectories_masks_and_filter(training_env, tokenizer, t
             assert step.passage_titles[0] in observed
 
 
+def test_premature_demonstrations_through_the_engine(training_env, tokenizer, two_hop_examples):
+    first, second = two_hop_examples[:2]
+    # The golden check covers only the hops a demonstration searched: a bogus golden passage on the
+    # unsearched hop must not drop it.
+    second = Example(second.id, second.question, second.answers, second.dataset,
+                     [second.sub_questions[0], SubQuestion(second.sub_questions[1].question, second.sub_questions[1].answer,
+                                                           second.sub_questions[1].search_keys,
+                                                           [GoldenPassage("no-such-id", "t", "x")])], second.metadata)
+    demos = [Demonstration(searches=0, answer="Somebody Else"),
+             Demonstration(searches=1, answer=second.sub_questions[0].answer)]
+    batches, kept, dropped = collect_golden_trajectories([first, second], tokenizer, training_env.retriever,
+                                                         rollout_config(), batch_size=8, demos=demos)
+    assert (kept, dropped) == (2, 0)
+    (trajectory,) = batches
+    guess, early = trajectory.records
+    assert guess.steps == [] and guess.answer == "Somebody Else"
+    assert [s.query for s in early.steps] == [second.sub_questions[0].search_keys[0]]
+    assert early.answer == second.sub_questions[0].answer
+    for row, (example, demo) in enumerate(zip([first, second], demos)):
+        policy_tokens = trajectory.input_ids[row][trajectory.loss_mask[row].bool()].tolist()
+        assert policy_tokens == [t for turn in golden_turns(example, demo=demo) for t in _ids(tokenizer, turn)]
+
+
 def test_sft_loss_matches_a_float64_reference(training_env, tokenizer, two_hop_examples):
     from stepsearch.models.loading import load_policy
 
