@@ -63,31 +63,32 @@ def test_premature_demonstrations_stop_early_and_answer_what_they_have():
     assert golden_turns(example, demo=Demonstration(searches=0, answer="Oslo")) == ["<answer> Oslo </answer>"]
 
 
-def test_plan_demonstrations_fraction_and_guesses():
+def test_plan_demonstrations_adds_guesses_beside_every_golden_one():
     examples = []
-    for i in range(400):
+    for i in range(40):
         ex = _two_hop()
         ex.id, ex.answers = str(i), [f"city{i}"]
         examples.append(ex)
-    assert plan_demonstrations(examples, 0.0) == [Demonstration()] * 400
-    plans = plan_demonstrations(examples, 0.5, seed=3)
-    assert plans == plan_demonstrations(examples, 0.5, seed=3)  # seeded
-    early = [(ex, d) for ex, d in zip(examples, plans) if d.searches is not None]
-    assert 160 <= len(early) <= 240  # ~ half of 400 (binomial sd 10)
-    assert {d.searches for _, d in early} == {0, 1}  # k uniform in 0..hops-1
-    for ex, d in early:
-        if d.searches == 1:
-            assert d.answer == "Ann Lee"  # what hop 1 found
-        else:
-            assert d.answer not in ex.answers and d.answer.startswith("city")  # another question's answer
-    assert all(d.searches is not None for d in plan_demonstrations(examples, 1.0))
+    assert plan_demonstrations(examples, 0.0) == [(ex, Demonstration()) for ex in examples]
+    plans = plan_demonstrations(examples, 0.6, seed=3)
+    assert plans == plan_demonstrations(examples, 0.6, seed=3)  # seeded
+    golden = [ex for ex, d in plans if d == Demonstration()]
+    guesses = [(ex, d) for ex, d in plans if d != Demonstration()]
+    assert golden == examples  # every golden demonstration stays, in order
+    assert len(guesses) == 60  # round(40 * 0.6 / 0.4): guesses are 60% of all demonstrations
+    # each example guessed once before any is guessed twice
+    counts = {ex.id: sum(g.id == ex.id for g, _ in guesses) for ex in examples}
+    assert set(counts.values()) == {1, 2} and sum(v == 2 for v in counts.values()) == 20
+    for ex, d in guesses:
+        assert d.searches == 0 and d.answer.startswith("city") and d.answer not in ex.answers
+        assert golden_turns(ex, demo=d) == [f"<answer> {d.answer} </answer>"]
 
 
 def test_guess_fraction_out_of_range_is_a_config_error():
     from stepsearch.errors import ConfigError
 
     with pytest.raises(ConfigError, match="guess_fraction"):
-        WarmStartSettings(guess_fraction=1.5)
+        WarmStartSettings(guess_fraction=1.0)  # all guesses: nothing golden left to learn from
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +232,6 @@ def test_bootstrap_is_idempotent(training_env):
 
 def test_warm_start_summary_of_the_session_model(training_env):
     summary = training_env.warm_summary
-    assert summary["kept"] > 0 and summary["kept"] + summary["dropped_missed_golden"] == summary["examples"]
+    assert summary["kept"] > 0 and summary["kept"] + summary["dropped_missed_golden"] == summary["demonstrations"]
     assert summary["last_loss"] < summary["first_loss"]
     assert (training_env.sft_dir / "warm_start.json").exists()

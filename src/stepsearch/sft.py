@@ -8,8 +8,12 @@ warm-start data has exactly the token layout and masks of RL rollouts, and only 
 are dropped (the paper's filter idea: teach searching, not guessing).
 
 Not in the paper: the paper starts PPO from a pretrained/instruct LLM. A tiny offline model knows
-no protocol, so the quickstart warm-starts it on short chains (``hops``) and leaves longer chains
-to RL; the step-0 validation comes after this warm-start, so the logged gain is the RL's alone.
+no protocol, so the quickstart warm-starts it on short chains (``hops``). Optionally guesses are
+mixed in (``guess_fraction``): demonstrations that answer at once, without searching, added beside
+the golden ones. The warm-started policy can then search and copy as well as without them, but
+prefers to guess, the situation of an instruct LLM that answers from memory, which is what StePPO's
+step rewards are meant to fix. The step-0 validation comes after this warm-start, so the logged
+gain is the RL's alone.
 """
 
 from __future__ import annotations
@@ -50,12 +54,13 @@ class WarmStartSettings:
         key_index: which search key of each hop to write (0 = the natural sub-question).
         require_golden_hits: drop trajectories whose retrieval missed a golden passage (of the hops
             the demonstration searched).
-        guess_fraction: fraction of demonstrations in which the demonstrator answers before it has
-            searched every hop: it stops after ``k`` searches (``k`` uniform in ``0..hops-1``) and
-            answers with the last entity it found, or, with no search at all, with the answer of
-            another question (a guess). The warm-started policy then under-uses search, as instruct
-            LLMs do before RL; the quickstart uses this so that RL has a behaviour to learn (that
-            searching pays). 0 = every demonstration searches every hop.
+        guess_fraction: fraction of all demonstrations that are guesses: the demonstrator answers at
+            once, without searching, with another question's answer. Guesses are added beside the
+            golden demonstrations (all of which stay), ``round(n * f / (1 - f))`` of them for ``n``
+            golden ones, on questions drawn at random. With ``f > 0.5`` the warm-started policy
+            prefers guessing to searching, as instruct LLMs do before search RL, while it learns to
+            search and copy from the golden ones as without guesses; the quickstart uses this so that
+            RL has a behaviour to learn (that searching pays). 0 = golden demonstrations only.
     """
 
     data: list[str] = field(default_factory=lambda: ["data/world/train.jsonl"])
@@ -71,10 +76,10 @@ class WarmStartSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.guess_fraction <= 1.0:
+        if not 0.0 <= self.guess_fraction < 1.0:
             from stepsearch.errors import ConfigError
 
-            raise ConfigError(f"warm_start.guess_fraction must be in [0, 1], got {self.guess_fraction}")
+            raise ConfigError(f"warm_start.guess_fraction must be in [0, 1), got {self.guess_fraction}")
 
 
 @dataclass
@@ -108,25 +113,24 @@ def golden_turns(example, key_index: int = 0, demo: Demonstration = Demonstratio
     return turns
 
 
-def plan_demonstrations(examples, guess_fraction: float, seed: int = 0) -> list[Demonstration]:
-    """One :class:`Demonstration` per example: golden, or (``guess_fraction`` of them, seeded) a
-    premature answer after ``k < hops`` searches: the entity found by hop ``k`` (copied from the
-    last observation), or for ``k = 0`` another example's answer."""
+def plan_demonstrations(examples, guess_fraction: float, seed: int = 0) -> list[tuple]:
+    """``(example, Demonstration)`` pairs: every example's golden demonstration, then
+    ``round(n * f / (1 - f))`` guesses (no search, another example's answer) on examples drawn at
+    random (seeded; each example once before any twice), so guesses are a fraction ``f`` of all."""
+    plans = [(ex, Demonstration()) for ex in examples]
+    if guess_fraction <= 0 or not examples:
+        return plans
     rng = random.Random(seed)
+    wanted = round(len(examples) * guess_fraction / (1.0 - guess_fraction))
     pool = [ex.answers[0] for ex in examples if ex.answers]
-    plans = []
-    for ex in examples:
-        subs = [sub for sub in ex.sub_questions if sub.search_keys]
-        if not subs or rng.random() >= guess_fraction:
-            plans.append(Demonstration())
-            continue
-        k = rng.randrange(len(subs))
-        if k > 0 and subs[k - 1].answer:
-            guess = subs[k - 1].answer
-        else:
-            others = [a for a in pool if a not in ex.answers] or pool
-            guess = rng.choice(others)
-        plans.append(Demonstration(searches=k, answer=guess))
+    drawn: list = []
+    while len(drawn) < wanted:
+        order = list(examples)
+        rng.shuffle(order)
+        drawn += order[:wanted - len(drawn)]
+    for ex in drawn:
+        others = [a for a in pool if a not in ex.answers] or pool
+        plans.append((ex, Demonstration(searches=0, answer=rng.choice(others))))
     return plans
 
 
@@ -252,20 +256,19 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
         raise StepSearchError("warm-start: no examples with sub-questions (and the requested hop counts) in its data")
     console = Console()
     plans = plan_demonstrations(examples, settings.guess_fraction, settings.seed)
-    fitting = [(ex, demo) for ex, demo in zip(examples, plans)
-               if _fits_rollout(ex, tokenizer, rollout_config, settings.key_index, demo)]
+    fitting = [(ex, demo) for ex, demo in plans if _fits_rollout(ex, tokenizer, rollout_config, settings.key_index, demo)]
     if not fitting:
         raise StepSearchError(
             f"warm-start: no golden trajectory fits the rollout limits (a turn longer than rollout.max_response_tokens="
             f"{rollout_config.max_response_tokens} tokens, or more hops than rollout.max_turns={rollout_config.max_turns}); "
             "raise them or warm-start on shorter chains")
-    if len(fitting) < len(examples):
-        console.print(f"warm-start: skipping {len(examples) - len(fitting)} examples whose golden turns exceed "
+    if len(fitting) < len(plans):
+        console.print(f"warm-start: skipping {len(plans) - len(fitting)} demonstrations whose turns exceed "
                       "rollout.max_response_tokens or rollout.max_turns")
     examples, plans = [ex for ex, _ in fitting], [demo for _, demo in fitting]
     guesses = sum(demo.searches is not None for demo in plans)
-    console.print(f"warm-start: collecting demonstrations for {len(examples)} examples"
-                  + (f" ({guesses} answer before searching every hop)" if guesses else ""))
+    console.print(f"warm-start: collecting {len(examples)} demonstrations"
+                  + (f" ({guesses} of them guesses without searching)" if guesses else ""))
     trajectories, kept, dropped = collect_golden_trajectories(
         examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits, demos=plans)
     if kept == 0:
@@ -280,7 +283,8 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    summary = {"examples": len(examples), "guess_demonstrations": guesses, "kept": kept,
+    summary = {"examples": len({id(ex) for ex in examples}), "demonstrations": len(examples),
+               "guess_demonstrations": guesses, "kept": kept,
                "dropped_missed_golden": dropped, "steps": len(losses),
                "first_loss": losses[0], "last_loss": losses[-1], "base": base}
     (out_dir / "warm_start.json").write_text(json.dumps(summary, indent=2))
