@@ -21,7 +21,9 @@ class EvalAccumulator:
     """Running EM/F1 (overall, per dataset and per hop count), reward, format-valid rate, searches.
 
     Hop counts come from the examples' sub-questions (multi-hop data with decompositions and the
-    synthetic world); examples without them are not counted per hop.
+    synthetic world); examples without them are not counted per hop. Under DDP the per-hop metrics
+    are not synced (a rank's shard may lack a hop count, and a collective only some ranks join
+    would hang): like ``reward``, they are rank 0's share.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -41,15 +43,15 @@ class EvalAccumulator:
         for pair in (*self.per_dataset.values(), *self.per_hops.values()):
             yield from pair
 
-    def _new_em(self):
+    def _new_em(self, **kwargs):
         from stepsearch.metrics import ExactMatch
 
-        return ExactMatch().to(self.device)
+        return ExactMatch(**kwargs).to(self.device)
 
-    def _new_f1(self):
+    def _new_f1(self, **kwargs):
         from stepsearch.metrics import TokenF1
 
-        return TokenF1().to(self.device)
+        return TokenF1(**kwargs).to(self.device)
 
     def reset(self) -> None:
         self.em, self.f1 = self._new_em(), self._new_f1()
@@ -74,7 +76,7 @@ class EvalAccumulator:
             hops = len(ex.sub_questions or [])
             if hops:
                 if hops not in self.per_hops:
-                    self.per_hops[hops] = (self._new_em(), self._new_f1())
+                    self.per_hops[hops] = (self._new_em(sync_on_compute=False), self._new_f1(sync_on_compute=False))
                 em, f1 = self.per_hops[hops]
                 em.update([pred], [ex.answers])
                 f1.update([pred], [ex.answers])

@@ -48,7 +48,7 @@ def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bo
     return torch.cat(old_logp), torch.cat(ref_logp), out_values
 
 
-def _grad_norm_and_clip(module, optimizer, params, max_norm: float) -> float:
+def _grad_norm_and_clip(module, params, max_norm: float) -> float:
     """Clip by global norm and return the norm before clipping (DeepSpeed clips inside its engine,
     by its ``gradient_clipping`` setting; FSDP is refused at setup, see ``StepSearchPPO.setup``)."""
     if "deepspeed" in type(module.trainer.strategy).__name__.lower():
@@ -179,10 +179,10 @@ def ppo_iteration(module, trajectory, placed_scores: torch.Tensor) -> dict[str, 
                 _average_gradients(actor_params, ddp.world_size)
                 if critic_opt is not None and not grpo:
                     _average_gradients(critic_params, ddp.world_size)
-            add("actor_grad_norm", _grad_norm_and_clip(module, actor_opt, actor_params, module.optim.grad_clip))
+            add("actor_grad_norm", _grad_norm_and_clip(module, actor_params, module.optim.grad_clip))
             actor_opt.step()
             if critic_opt is not None and not grpo:
-                add("critic_grad_norm", _grad_norm_and_clip(module, critic_opt, critic_params, module.optim.grad_clip))
+                add("critic_grad_norm", _grad_norm_and_clip(module, critic_params, module.optim.grad_clip))
                 critic_opt.step()
 
     schedulers = module.lr_schedulers()
