@@ -124,3 +124,14 @@ def test_unknown_algorithm_is_one_error_line(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
     (line,) = _error_lines(proc)
     assert "model.ppo.algorithm" in line and "'reinforce'" in line
+
+
+def test_bad_dataclass_value_in_the_config_is_one_error_line(tmp_path):
+    """jsonargparse builds the config's dataclasses while parsing and wraps a validation error of
+    ours in its own ValueErrors (a traceback, before the fix); the CLI reports ours in one line."""
+    proc = _run(["fit", "--config", str(QUICKSTART), "--model.bootstrap.warm_start.guess_fraction", "1.5",
+                 "--trainer.logger", "false", "--trainer.max_steps", "1"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (line,) = _error_lines(proc)
+    assert "warm_start.guess_fraction must be in [0, 1), got 1.5" in line

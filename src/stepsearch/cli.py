@@ -82,7 +82,15 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
             from stepsearch.trainer_cli import run_lightning
 
-            run_lightning(argv)
+            try:
+                run_lightning(argv)
+            except Exception as err:
+                # jsonargparse instantiates the config's dataclasses while parsing and wraps a
+                # validation error of ours in its own ValueErrors: report ours, in one line.
+                cause = _stepsearch_cause(err)
+                if cause is None:
+                    raise
+                raise cause from None
             return
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -97,6 +105,21 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _print_error("interrupted")
         raise SystemExit(130) from None
+
+
+def _stepsearch_cause(err: BaseException) -> StepSearchError | None:
+    """The first StepSearchError in ``err``'s cause/context chain, if any."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, StepSearchError):
+            return current
+        stack += [current.__cause__, current.__context__]
+    return None
 
 
 def _print_error(message: str) -> None:

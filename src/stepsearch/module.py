@@ -174,7 +174,9 @@ class StepSearchPPO(pl.LightningModule):
         self.actor_critic = ActorCritic(self.model_settings)
 
     def setup(self, stage: str) -> None:
-        if "fsdp" in type(self.trainer.strategy).__name__.lower():
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
             # Seen on an H200 (torch 2.11, Lightning 2.6): a PPO iteration runs rollouts, scoring passes
             # and several backward passes inside one training_step, i.e. inside the FSDP root's
             # forward, and FSDP's handle state machine rejects the backward ("Expects BACKWARD_PRE or

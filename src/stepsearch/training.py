@@ -51,7 +51,9 @@ def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bo
 def _grad_norm_and_clip(module, params, max_norm: float) -> float:
     """Clip by global norm and return the norm before clipping (DeepSpeed clips inside its engine,
     by its ``gradient_clipping`` setting; FSDP is refused at setup, see ``StepSearchPPO.setup``)."""
-    if "deepspeed" in type(module.trainer.strategy).__name__.lower():
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(module.trainer.strategy, DeepSpeedStrategy):
         return float("nan")
     grads = [p for p in params if p.grad is not None]
     if not grads:
