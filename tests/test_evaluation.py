@@ -8,6 +8,7 @@ import pytest
 
 from stepsearch.data.schema import Example, SubQuestion
 from stepsearch.evaluation import EvalAccumulator
+from training_fixtures import _one_thread, rollout_config, training_env  # noqa: F401  (fixtures)
 
 
 def _example(i: int, hops: int, answer: str, dataset: str = "synthetic") -> Example:
@@ -16,7 +17,8 @@ def _example(i: int, hops: int, answer: str, dataset: str = "synthetic") -> Exam
 
 
 def _update(acc, examples, predictions):
-    scores = [SimpleNamespace(answer=p, global_score=1.0 if p == ex.answers[0] else 0.0, format_ok=p is not None)
+    scores = [SimpleNamespace(answer=p, global_score=1.0 if p == ex.answers[0] else 0.0, format_ok=p is not None,
+                              answer_f1=0.5 if p is not None else 0.0)
               for ex, p in zip(examples, predictions)]
     records = [SimpleNamespace(steps=[None] * len(ex.sub_questions)) for ex in examples]
     acc.update(examples, SimpleNamespace(records=records), scores)
@@ -37,6 +39,7 @@ def test_per_hop_and_per_dataset_metrics():
     assert out["val/synthetic/em"] == pytest.approx(1 / 3) and out["val/other/em"] == 0.0
     assert out["val/searches"] == pytest.approx((1 + 1 + 2 + 3) / 4)
     assert out["val/format_ok"] == pytest.approx(3 / 4)
+    assert out["val/answer_f1"] == pytest.approx(3 * 0.5 / 4)
 
 
 def test_single_hop_count_adds_no_per_hop_keys():
@@ -55,3 +58,93 @@ def test_accumulator_moves_its_metric_states():
     assert states and {t.device.type for t in states} == {"meta"}
     acc.reset()
     assert {t.device.type for m in acc._metrics() for t in (getattr(m, n) for n in m._defaults)} == {"meta"}
+
+
+# ---------------------------------------------------------------- one answer extraction
+PROTOCOL = ("<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
+
+
+@pytest.mark.parametrize(
+    "text, valid, answer",
+    [
+        # an <answer> opened, abandoned for a search, and a real answer later (the issue's case)
+        ("<think> hmm </think> <answer> x </think> <search> Galdresse </search>"
+         "<information> Doc 1 </information><answer> Galdresse </answer>", True, "Galdresse"),
+        ("<answer> a <search> q </search> b </answer>", False, None),  # protocol tags inside: no answer
+        ("<answer> a </think> b </answer>", False, None),
+        ("<answer> <answer> Rome </answer>", True, "Rome"),  # the innermost tag-free block
+        ("<answer> Oslo </answer> <search> q </search>", False, "Oslo"),  # text after the answer: gate fails
+        ("<answer> 3 < 4 </answer>", True, "3 < 4"),  # a '<' that is no tag is answer text
+    ],
+)
+def test_gate_and_extraction_agree_on_a_valid_answer(text, valid, answer):
+    from stepsearch.rewards import extract_answer, is_valid_format
+    from stepsearch.rollout import template as tpl
+
+    assert is_valid_format(text) is valid
+    assert extract_answer(text) == answer
+    assert tpl.extract_answer(text) == answer  # the engine's record.answer uses the same definition
+    if answer is not None:
+        assert not any(tag in answer for tag in PROTOCOL)
+
+
+@pytest.fixture(scope="module")
+def galdresse_engine(training_env):
+    """A scripted policy that opens an <answer>, searches instead, then answers: (engine, examples)."""
+    from stepsearch.data.sources import load_examples
+    from stepsearch.models.loading import load_tokenizer
+    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.scripted import ScriptedPolicy
+
+    tokenizer = load_tokenizer(training_env.sft_dir)
+    examples = load_examples(training_env.val)[:2]
+    gold = examples[0].answers[0]
+    scripts = [(examples[0].question, [f"<think> hmm </think> <answer> x </think> <search> {gold} </search>",
+                                       f"<answer> {gold} </answer>"]),
+               (examples[1].question, ["<answer> nobody </answer>"])]
+    engine = HFRolloutEngine(ScriptedPolicy(tokenizer, scripts), tokenizer, training_env.retriever, rollout_config())
+    return engine, examples
+
+
+def test_record_score_and_prediction_rows_report_one_answer(galdresse_engine):
+    from stepsearch.evaluation import evaluate_examples, prediction_rows, rollout_and_score
+    from stepsearch.rewards import RewardConfig
+
+    engine, examples = galdresse_engine
+    gold = examples[0].answers[0]
+    trajectory, scores = rollout_and_score(engine, examples, RewardConfig())
+    assert trajectory.records[0].answer == scores[0].answer == gold and scores[0].format_ok
+    assert [s.query for s in trajectory.records[0].steps] == [gold]
+    rows = prediction_rows(examples, trajectory, scores)
+    assert rows[0]["prediction"] == gold and rows[0]["em"] == 1.0
+    assert rows[0]["searches"][0]["ids"] == trajectory.records[0].steps[0].passage_ids
+    assert rows[1]["prediction"] == "nobody" and rows[1]["searches"] == []
+    acc, evaluated = evaluate_examples(engine, examples, RewardConfig(), batch_size=1)
+    assert [r["prediction"] for r in evaluated] == [r["prediction"] for r in rows]
+    em = sum(r["em"] for r in evaluated) / len(evaluated)
+    assert acc.compute("eval")["eval/em"] == pytest.approx(em)
+
+
+def test_rag_searches_the_question_once_and_direct_never(training_env):
+    from stepsearch.data.sources import load_examples
+    from stepsearch.evaluation import method_engine, rollout_and_score
+    from stepsearch.models.loading import load_tokenizer
+    from stepsearch.rewards import RewardConfig
+    from stepsearch.rollout.scripted import ScriptedPolicy
+
+    tokenizer = load_tokenizer(training_env.sft_dir)
+    examples = load_examples(training_env.val)[:2]
+    # The scripted model would search twice; rag writes the first search for it, direct allows none.
+    scripts = [(ex.question, ["<search> other </search>", f"<answer> {ex.answers[0]} </answer>"]) for ex in examples]
+    config = rollout_config()
+    rag = method_engine("rag", ScriptedPolicy(tokenizer, scripts), tokenizer, training_env.retriever, config)
+    trajectory, scores = rollout_and_score(rag, examples, RewardConfig())
+    for ex, rec in zip(examples, trajectory.records):
+        assert [s.query for s in rec.steps] == [" ".join(ex.question.split())]
+        assert rec.steps[0].passage_ids == [p.id for p in training_env.retriever.search([rec.steps[0].query], 3)[0]]
+    direct = method_engine("direct", ScriptedPolicy(tokenizer, scripts), tokenizer, training_env.retriever, config)
+    trajectory, scores = rollout_and_score(direct, examples, RewardConfig())
+    assert all(not rec.steps and rec.invalid_actions == ["search_on_last_turn"] for rec in trajectory.records)
+    assert all(s.answer is None for s in scores)
+    with pytest.raises(Exception, match="unknown evaluation method"):
+        method_engine("oracle", None, tokenizer, training_env.retriever, config)

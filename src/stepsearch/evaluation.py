@@ -1,9 +1,20 @@
-"""Evaluation: greedy rollouts scored with EM/F1 (SQuAD normalisation, METHOD.md §6).
+"""The one evaluation path: greedy rollouts scored with EM/F1 (SQuAD normalisation, METHOD.md §6).
 
-``EvalAccumulator`` gathers torchmetrics ``ExactMatch``/``TokenF1`` overall and per dataset plus
-reward-side means; the module uses it for validation/test and the step-0 pass. ``python -m
-stepsearch evaluate`` runs the same loop over QA files with any model and retriever and prints a
-table per dataset (optionally writing predictions as JSONL).
+Validation, test, ``predict`` and ``python -m stepsearch evaluate``/``ask`` all go through
+:func:`rollout_and_score` (one greedy rollout batch, scored by :func:`stepsearch.rewards.score_trajectories`,
+whose ``answer`` is the single answer extraction of :mod:`stepsearch.rewards.format`) and, for
+per-question output, :func:`prediction_rows`. ``EvalAccumulator`` gathers torchmetrics
+``ExactMatch``/``TokenF1`` overall, per dataset and per hop count plus reward-side means.
+
+Methods (:func:`method_engine`), after Search-R1's baselines:
+
+- ``agent``: the multi-turn search policy, its rollout limits as trained.
+- ``rag``: one retrieval with the question, then one answer. Departure from Search-R1 (which puts
+  the passages in a separate RAG prompt): the retrieval is written into the agent's own protocol
+  (``<search> question </search>`` then ``<information>``, with the last-turn notice) and the model
+  answers from there, so a policy trained on that protocol (and a tiny one) can read its documents.
+- ``direct``: the same prompt, one generation, no retrieval (``max_turns = 0``); a search there ends
+  the trajectory unanswered (``search_on_last_turn``), which is scored like any wrong answer.
 
 Per-dataset metrics are created on first sight of a dataset; under DDP every rank must see the
 same dataset names (true when the validation split is sharded, not partitioned by dataset).
@@ -11,15 +22,19 @@ same dataset names (true when the validation split is sharded, not partitioned b
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 
+METHODS = ("agent", "rag", "direct")
+
 
 class EvalAccumulator:
-    """Running EM/F1 (overall, per dataset and per hop count), reward, format-valid rate, searches.
+    """Running EM/F1 (overall, per dataset and per hop count), reward, answer F1, format-valid rate, searches.
 
+    ``reward`` is the training reward of the run's algorithm (StePPO adds the search-key term to
+    the answer F1; PPO does not), so it does not compare across algorithms; ``answer_f1`` does.
     Hop counts come from the examples' sub-questions (multi-hop data with decompositions and the
     synthetic world); examples without them are not counted per hop. Under DDP the per-hop metrics
     are not synced (a rank's shard may lack a hop count, and a collective only some ranks join
@@ -43,18 +58,13 @@ class EvalAccumulator:
         for pair in (*self.per_dataset.values(), *self.per_hops.values()):
             yield from pair
 
-    def _new_em(self, **kwargs):
-        from stepsearch.metrics import ExactMatch
+    def _new_pair(self, **kwargs) -> tuple:
+        from stepsearch.metrics import ExactMatch, TokenF1
 
-        return ExactMatch(**kwargs).to(self.device)
-
-    def _new_f1(self, **kwargs):
-        from stepsearch.metrics import TokenF1
-
-        return TokenF1(**kwargs).to(self.device)
+        return ExactMatch(**kwargs).to(self.device), TokenF1(**kwargs).to(self.device)
 
     def reset(self) -> None:
-        self.em, self.f1 = self._new_em(), self._new_f1()
+        self.em, self.f1 = self._new_pair()
         self.per_dataset: dict[str, tuple] = {}
         self.per_hops: dict[int, tuple] = {}
         self.sums: dict[str, float] = defaultdict(float)
@@ -62,26 +72,26 @@ class EvalAccumulator:
         self.samples = None
 
     def update(self, examples, trajectory, scores) -> None:
-        preds = [score.answer or "" for score in scores]  # the reward's own parse: env blocks stripped
+        preds = [score.answer or "" for score in scores]  # the one answer extraction (rewards.format)
         golds = [ex.answers for ex in examples]
         self.em.update(preds, golds)
         self.f1.update(preds, golds)
         for ex, pred in zip(examples, preds):
             name = ex.dataset or "default"
             if name not in self.per_dataset:
-                self.per_dataset[name] = (self._new_em(), self._new_f1())
-            em, f1 = self.per_dataset[name]
-            em.update([pred], [ex.answers])
-            f1.update([pred], [ex.answers])
+                self.per_dataset[name] = self._new_pair()
+            pairs = [self.per_dataset[name]]
             hops = len(ex.sub_questions or [])
             if hops:
                 if hops not in self.per_hops:
-                    self.per_hops[hops] = (self._new_em(sync_on_compute=False), self._new_f1(sync_on_compute=False))
-                em, f1 = self.per_hops[hops]
+                    self.per_hops[hops] = self._new_pair(sync_on_compute=False)
+                pairs.append(self.per_hops[hops])
+            for em, f1 in pairs:
                 em.update([pred], [ex.answers])
                 f1.update([pred], [ex.answers])
         for rec, score in zip(trajectory.records, scores):
             self.sums["reward"] += score.global_score
+            self.sums["answer_f1"] += score.answer_f1
             self.sums["format_ok"] += float(score.format_ok)
             self.sums["searches"] += len(rec.steps)
         self.count += len(examples)
@@ -103,79 +113,72 @@ class EvalAccumulator:
         return out
 
 
-def evaluate_examples(engine, examples, reward_config, batch_size: int = 16, progress=None):
-    """Greedy rollouts over ``examples``; returns (metrics by prefix "eval", prediction rows)."""
+def rollout_and_score(engine, examples, reward_config):
+    """One greedy rollout batch over ``examples`` and its scores: ``(trajectory, scores)``."""
     from stepsearch.rewards import score_trajectories
 
-    acc = EvalAccumulator()
+    trajectory = engine.generate([ex.question for ex in examples], greedy=True)
+    return trajectory, score_trajectories(trajectory.records, examples, reward_config)
+
+
+def prediction_rows(examples, trajectory, scores) -> list[dict]:
+    """One JSON-ready row per question: enough to re-score it by hand (golds, prediction, searches)."""
     rows = []
+    for ex, rec, score in zip(examples, trajectory.records, scores):
+        rows.append({
+            "id": ex.id, "dataset": ex.dataset, "question": ex.question, "answers": list(ex.answers),
+            "prediction": score.answer, "em": score.answer_em, "f1": score.answer_f1,
+            "format_ok": score.format_ok,
+            "searches": [{"query": s.query, "ids": s.passage_ids, "titles": s.passage_titles} for s in rec.steps],
+            "invalid_actions": list(rec.invalid_actions), "response": rec.response_text,
+        })
+    return rows
+
+
+def evaluate_examples(engine, examples, reward_config, batch_size: int = 16, progress=None):
+    """Greedy rollouts over ``examples`` in batches: ``(EvalAccumulator, prediction rows)``."""
+    acc = EvalAccumulator()
+    rows: list[dict] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        trajectory = engine.generate([ex.question for ex in chunk], greedy=True)
-        scores = score_trajectories(trajectory.records, chunk, reward_config)
+        trajectory, scores = rollout_and_score(engine, chunk, reward_config)
         acc.update(chunk, trajectory, scores)
-        for ex, rec, score in zip(chunk, trajectory.records, scores):
-            rows.append({"id": ex.id, "dataset": ex.dataset, "question": ex.question, "answers": ex.answers,
-                         "prediction": score.answer, "em": score.answer_em, "f1": score.answer_f1,
-                         "searches": [s.query for s in rec.steps], "response": rec.response_text})
+        rows.extend(prediction_rows(chunk, trajectory, scores))
         if progress is not None:
             progress(len(chunk))
-    return acc.compute("eval"), rows
+    return acc, rows
 
 
-def configure_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="policy: Hugging Face id or local directory")
-    parser.add_argument("--data", required=True, nargs="+", help="QA files (any supported format)")
-    parser.add_argument("--index", help="retrieval index directory (BM25 or dense)")
-    parser.add_argument("--url", help="remote retrieval service URL instead of --index")
-    parser.add_argument("--limit", type=int, default=None, help="first N examples per file")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--template", default="think", choices=["think", "plan", "compact"])
-    parser.add_argument("--max-turns", type=int, default=5)
-    parser.add_argument("--output", help="write one JSONL prediction row per example")
-    parser.add_argument("--dtype", default="float32")
+class _QuestionSearchedFirst:
+    """Mixin for a turn-loop engine: every row's first turn is ``<search> {question} </search>``,
+    written for the model (not generated); the engine then retrieves and inserts ``<information>``
+    exactly as for a search the model wrote."""
+
+    _first_queries: list[str] | None = None
+
+    def generate(self, questions, *, greedy=False, seed=None):
+        self._first_queries = [" ".join(q.split()) for q in questions]
+        return super().generate(questions, greedy=greedy, seed=seed)
+
+    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
+        from stepsearch.rollout.decoding import TurnOutput
+
+        if self._first_queries is not None:
+            queries, self._first_queries = self._first_queries, None
+            return [TurnOutput(self._encode(f"<search> {queries[k]} </search>"), "tag") for k in keys]
+        return super()._generate_turn(keys, contexts, max_new, greedy, generator)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from stepsearch.data.sources import load_examples
+def method_engine(method: str, model, tokenizer, retriever, rollout_config):
+    """The rollout engine of an evaluation method (``agent``, ``rag``, ``direct``; module docstring)."""
     from stepsearch.errors import StepSearchError
-    from stepsearch.models.loading import load_policy
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
-    from stepsearch.rewards import RewardConfig
-    from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+    from stepsearch.rollout.engine import HFRolloutEngine
 
-    if not (args.index or args.url):
-        raise StepSearchError("evaluate needs a retriever: pass --index DIR or --url http://host:port")
-    examples = []
-    for path in args.data:
-        loaded = load_examples(path)
-        examples.extend(loaded[: args.limit] if args.limit else loaded)
-    retriever = build_retriever(RetrieverConfig(kind="http", url=args.url) if args.url else RetrieverConfig(index=args.index))
-    model, tokenizer = load_policy(args.model, dtype=args.dtype)
-    engine = HFRolloutEngine(model, tokenizer, retriever, RolloutConfig(template=args.template, max_turns=args.max_turns))
-    with Progress(transient=True) as progress:
-        task = progress.add_task("evaluating", total=len(examples))
-        metrics, rows = evaluate_examples(engine, examples, RewardConfig(), args.batch_size,
-                                          progress=lambda n: progress.advance(task, n))
-    table = Table(title=f"{args.model}: greedy EM/F1")
-    for column in ("dataset", "n", "EM", "F1"):
-        table.add_column(column)
-    by_dataset = defaultdict(list)
-    for row in rows:
-        by_dataset[row["dataset"] or "default"].append(row)
-    for name, items in sorted(by_dataset.items()):
-        table.add_row(name, str(len(items)), f"{sum(r['em'] for r in items) / len(items):.3f}",
-                      f"{sum(r['f1'] for r in items) / len(items):.3f}")
-    table.add_row("all", str(len(rows)), f"{metrics['eval/em']:.3f}", f"{metrics['eval/f1']:.3f}")
-    Console().print(table)
-    if args.output:
-        with open(args.output, "w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-    return 0
+    if method == "agent":
+        return HFRolloutEngine(model, tokenizer, retriever, rollout_config)
+    if method == "direct":
+        return HFRolloutEngine(model, tokenizer, retriever, replace(rollout_config, max_turns=0))
+    if method == "rag":
+        engine_class = type("RetrieveOnceEngine", (_QuestionSearchedFirst, HFRolloutEngine), {})
+        return engine_class(model, tokenizer, retriever, replace(rollout_config, max_turns=1))
+    raise StepSearchError(f"unknown evaluation method {method!r}: use one of {', '.join(METHODS)}")

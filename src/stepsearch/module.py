@@ -6,9 +6,16 @@ One Lightning training step = one PPO iteration, top to bottom:
 2. rewards: format gate, answer F1, search-key reward at the last token; information gain minus
    redundancy at each ``</search>`` (``stepsearch.rewards``);
 3. old log-probs (policy), reference log-probs (frozen initial policy), values (critic);
-4. token rewards = placed scores − β·KL(old‖ref), GAE (γ = λ = 1) over policy tokens, whitening;
+4. token rewards = placed scores − β·KL(old‖ref), GAE (γ = λ = 1) over policy tokens, whitening
+   over the global batch (all ranks);
 5. ``ppo_epochs`` × minibatches (micro-batch accumulation) of clipped policy loss − entropy bonus
-   and clipped value loss, with manual optimization of two AdamW optimizers (actor, critic).
+   and clipped value loss, with manual optimization of two AdamW optimizers (actor, critic); the
+   pure parts are in ``stepsearch.training``, the strategy glue in ``stepsearch.sharding``.
+
+Batch sizes are global: ``data.batch_size`` prompts per PPO iteration and ``ppo.mini_batch_size``
+prompts per optimizer step, over all ranks; ``ppo.micro_batch_size`` trajectories per forward on one
+device. Per-rank numbers are derived in ``setup`` (one error line when they do not divide). Models
+are built in ``configure_model`` (FSDP2: sharded there, per decoder layer).
 
 Lightning counts every ``optimizer.step()`` under manual optimization; we reset its counter so that
 ``global_step``, ``max_steps``, checkpoint cadence and logged steps are all PPO iterations.
@@ -44,8 +51,10 @@ class PPOSettings:
     Args:
         algorithm: ``steppo`` | ``ppo`` (global reward only, Search-R1) | ``grpo``.
         ppo_epochs: passes over each rollout batch.
-        mini_batch_size: trajectories per optimizer step.
-        micro_batch_size: trajectories per forward/backward (gradient accumulation inside a minibatch).
+        mini_batch_size: prompts per optimizer step, over all ranks (GRPO: × ``grpo_group_size`` trajectories).
+        micro_batch_size: trajectories per forward/backward on one device (a memory knob: the
+            update does not depend on it).
+        loss_agg: ``token-mean`` (over the whole minibatch on all ranks) or ``seq-mean-token-mean``.
         clip_eps: policy ratio clip ε.
         value_clip: value clip range around the old values.
         entropy_coef: entropy bonus coefficient.
@@ -63,6 +72,7 @@ class PPOSettings:
     ppo_epochs: int = 1
     mini_batch_size: int = 32
     micro_batch_size: int = 16
+    loss_agg: str = "token-mean"
     clip_eps: float = 0.2
     value_clip: float = 0.5
     entropy_coef: float = 0.001
@@ -81,7 +91,13 @@ class PPOSettings:
 
 @dataclass
 class OptimSettings:
-    """AdamW for actor and critic with linear warmup (fraction of ``max_steps``) then constant."""
+    """AdamW for actor and critic with linear warmup (fraction of ``max_steps``) then constant.
+
+    ``optimizer``: import path of the optimizer class (``torch.optim.AdamW``); pure bf16/fp16 weights
+    with a learning rate under 1e-5 are refused with the default (its updates fall below half an
+    ulp, METHOD.md §3) unless another optimizer (e.g. one with stochastic rounding) is named here.
+    ``grad_clip``: global gradient-norm clip (after unscaling); a non-finite norm skips the step.
+    """
 
     actor_lr: float = 5e-7
     critic_lr: float = 5e-7
@@ -90,6 +106,7 @@ class OptimSettings:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
+    optimizer: str = "torch.optim.AdamW"
 
 
 # Checkpoints carry these settings as hyperparameters, and resuming loads them with
@@ -171,19 +188,15 @@ class StepSearchPPO(pl.LightningModule):
             if not Path(path).expanduser().exists():
                 raise StepSearchError(f"model.model.name_or_path: {path} does not exist; point it at a model "
                                       "directory or hub id, or set model.bootstrap to make it")
-        self.actor_critic = ActorCritic(self.model_settings)
+        self.actor_critic = ActorCritic(self.model_settings, seed=self.seed)
+        from stepsearch.sharding import shard_if_model_parallel
+
+        shard_if_model_parallel(self)
 
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from stepsearch.sharding import check_strategy_and_sizes
 
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            # Seen on an H200 (torch 2.11, Lightning 2.6): a PPO iteration runs rollouts, scoring passes
-            # and several backward passes inside one training_step, i.e. inside the FSDP root's
-            # forward, and FSDP's handle state machine rejects the backward ("Expects BACKWARD_PRE or
-            # BACKWARD_POST state but got FORWARD"). Fail here, in one line, not mid-iteration.
-            raise StepSearchError("trainer.strategy: FSDP is not supported by StepSearchPPO yet (one PPO iteration "
-                                  "runs several backward passes inside training_step, which FSDP rejects); use ddp, "
-                                  "or LoRA (model.model.lora) to fit larger models")
+        self.per_rank = check_strategy_and_sizes(self, stage)
         self.configure_model()
         from stepsearch.rollout.engine import HFRolloutEngine
 
@@ -197,8 +210,11 @@ class StepSearchPPO(pl.LightningModule):
         groups = [(self.actor_critic.actor_parameters(), self.optim.actor_lr, self.optim.actor_warmup_ratio)]
         if not self.actor_critic.shared_critic:
             groups.append((self.actor_critic.critic_parameters(), self.optim.critic_lr, self.optim.critic_warmup_ratio))
+        from stepsearch.sharding import optimizer_class
+
+        optimizer = optimizer_class(self.optim, self.model_settings)
         for params, lr, warmup_ratio in groups:
-            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay)
+            opt = optimizer(params, lr=lr, betas=tuple(self.optim.betas), weight_decay=self.optim.weight_decay)
             warmup = max(int(warmup_ratio * total), 0)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step, w=warmup: min(1.0, (step + 1) / (w + 1)) if w else 1.0)
             opts.append(opt)
@@ -280,9 +296,10 @@ class StepSearchPPO(pl.LightningModule):
         return self.val_metrics.compute(prefix)
 
     def _eval_batch(self, batch) -> None:
+        from stepsearch.evaluation import rollout_and_score  # the one evaluation path (evaluate, predict)
+
         examples = list(batch)
-        trajectory = self.engine.generate([ex.question for ex in examples], greedy=True)
-        scores = score_trajectories(trajectory.records, examples, self.reward_config)
+        trajectory, scores = rollout_and_score(self.engine, examples, self.reward_config)
         self.val_metrics.update(examples, trajectory, scores)
         if self.val_metrics.samples is None:
             self.val_metrics.samples = (trajectory, scores, examples)
@@ -321,10 +338,10 @@ class StepSearchPPO(pl.LightningModule):
                                    f"samples/{prefix}_step{self.trainer.global_step:05d}", self.num_logged_samples)
 
     def predict_step(self, batch, batch_idx):
+        from stepsearch.evaluation import prediction_rows, rollout_and_score
+
         examples = list(batch)
-        trajectory = self.engine.generate([ex.question for ex in examples], greedy=True)
-        return [{"id": ex.id, "question": ex.question, "prediction": rec.answer, "answers": ex.answers,
-                 "searches": [s.query for s in rec.steps]} for ex, rec in zip(examples, trajectory.records)]
+        return prediction_rows(examples, *rollout_and_score(self.engine, examples, self.reward_config))
 
     def on_fit_end(self) -> None:
         if self.global_rank != 0:

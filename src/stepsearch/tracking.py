@@ -75,7 +75,7 @@ def trajectory_rows(tokenizer, trajectory, scores, examples, limit: int) -> list
         rec, score, ex = trajectory.records[b], scores[b], examples[b]
         rows.append({
             "id": ex.id, "dataset": ex.dataset, "question": ex.question, "answers": ex.answers,
-            "prediction": rec.answer, "format_ok": score.format_ok, "answer_f1": score.answer_f1,
+            "prediction": score.answer, "format_ok": score.format_ok, "answer_f1": score.answer_f1,
             "key_score": score.key_score, "global_score": score.global_score,
             "steps": [{"query": s.query, "passage_ids": s.passage_ids, "end_index": s.end_index,
                        "info_gain": ig, "redundancy": rp}

@@ -13,6 +13,12 @@ follows the last one. Decoder end-of-sequence strings (``RewardConfig.trailing_i
 not model text and are ignored; the released code had no such allowance (it decoded the trajectory
 with special tokens and a trailing ``<|im_end|>`` would fail its check). Prediction (§6): the stripped
 content of the last ``<answer>`` block.
+
+An answer block holds no protocol tag: in ``<answer> … </think> <search> q </search> <answer> Paris
+</answer>`` (an ``<answer>`` opened, abandoned for a search, and a real answer later) the block is
+``<answer> Paris </answer>``, not everything from the first ``<answer>`` on. The gate, the
+prediction, the rollout engine's ``TrajectoryRecord.answer`` and every evaluation read answers with
+this one definition (``extract_answer``), so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ from functools import lru_cache
 
 from stepsearch.rewards.config import DEFAULT_TRAILING_IGNORE
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Tags of the search protocol (both templates); none of them may appear inside an answer block.
+PROTOCOL_TAG_NAMES: tuple[str, ...] = ("think", "plan", "search", "answer", "information", "observation", "warning")
+_ANSWER = re.compile(
+    r"<answer>((?:(?!</?(?:%s)>).)*?)</answer>" % "|".join(PROTOCOL_TAG_NAMES), re.DOTALL
+)
 DEFAULT_ENVIRONMENT_TAGS: tuple[str, ...] = ("information", "warning")
 
 

@@ -94,7 +94,6 @@ LAST_TURN_WARNING = (
 )
 
 _ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -166,9 +165,11 @@ def parse_action(text: str, template: str = "think") -> Action:
 
 
 def extract_answer(text: str) -> str | None:
-    """Content of the last ``<answer>…</answer>`` block (stripped), None if there is none."""
-    answers = _ANSWER_RE.findall(text)
-    return answers[-1].strip() if answers else None
+    """The model's answer: :func:`stepsearch.rewards.format.extract_answer`, the one definition the
+    format gate and every evaluation share (last tag-free ``<answer>`` block, stripped; None without)."""
+    from stepsearch.rewards.format import extract_answer as answer_of
+
+    return answer_of(text)
 
 
 def format_documents(passages: Sequence[Passage]) -> str:
