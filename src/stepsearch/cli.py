@@ -33,7 +33,8 @@ COMMANDS: dict = {
         "tiny": ("stepsearch.models.tiny", "model_tiny", "Make a tiny Qwen2-architecture model + BPE tokenizer offline."),
     },
     "sft": ("stepsearch.sft", "sft", "Supervised warm-start on golden search trajectories."),
-    "evaluate": ("stepsearch.evaluation", "evaluate", "Greedy rollouts on QA files; EM/F1 per dataset as a table."),
+    "evaluate": ("stepsearch.suite", "evaluate", "Benchmark table: EM/F1 of agent/rag/direct per benchmark (Markdown, CSV, MLflow, JSONL)."),
+    "ask": ("stepsearch.suite", "ask", "Ask a policy one question; print its trajectory turn by turn."),
 }
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(code or 0)
     except StepSearchError as err:
         _print_error(str(err))
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(err, "exit_code", 2)) from None  # 130 for Ctrl-C during fit
     except KeyboardInterrupt:
         _print_error("interrupted")
         raise SystemExit(130) from None
