@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -53,13 +54,13 @@ def test_wire_format_is_search_r1_compatible(service):
 @pytest.mark.parametrize(
     "body,status,detail",
     [
-        ({"queries": [], "topk": 3}, 400, "queries is empty"),
-        ({"queries": ["ok", "  "], "topk": 3}, 400, "query at position 1 is empty"),
-        ({"queries": ["ok"], "topk": 0}, 400, "topk must be between 1 and 20"),
-        ({"queries": ["ok"], "topk": 21}, 400, "topk must be between 1 and 20"),
+        ({"queries": [], "topk": 3}, 422, "queries is empty"),
+        ({"queries": ["ok", "  "], "topk": 3}, 422, "query at position 1 is empty"),
+        ({"queries": ["ok"], "topk": 0}, 422, "topk must be between 1 and 20"),
+        ({"queries": ["ok"], "topk": 21}, 422, "topk must be between 1 and 20"),
         ({"queries": ["q"] * 9, "topk": 3}, 413, "too many queries: 9 > 8"),
-        ({"queries": ["x" * 201], "topk": 3}, 400, "query at position 0 has 201 characters (limit 200)"),
-        ({"queries": "not a list", "topk": 3}, 422, "queries: Input should be a valid list"),
+        ({"queries": ["x" * 201], "topk": 3}, 422, "query at position 0 has 201 characters (limit 200)"),
+        ({"queries": "not a list", "topk": 3}, 422, "queries: Input should be a valid array"),
         ({"topk": 3}, 422, "queries: Field required"),
     ],
 )
@@ -72,15 +73,25 @@ def test_bad_requests_get_4xx_with_one_line(service, body, status, detail):
 
 def test_client_does_not_retry_4xx(service):
     client = _client(service.url, max_retries=3, backoff_s=0.1)
-    with pytest.raises(RetrievalError, match="rejected the request: HTTP 400: topk must be between 1 and 20"):
+    with pytest.raises(RetrievalError, match="rejected the request: HTTP 422: topk must be between 1 and 20"):
         client.search(["ok"], 50)
     assert client.sleeps == []
 
 
-def test_health(service):
+def test_body_larger_than_the_limits_is_413_before_parsing(service):
+    too_big = b'{"queries": ["' + b"x" * (6 * 8 * 200 + 5000) + b'"]}'
+    response = httpx.post(f"{service.url}/retrieve", content=too_big, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"].startswith("request body larger than 13696 bytes (limits: 8 queries of 200")
+    response = httpx.post(f"{service.url}/retrieve", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "\n" not in response.json()["detail"]
+
+
+def test_health(service, bm25_index):
     health = httpx.get(f"{service.url}/health").json()
     assert health["status"] == "ok" and health["retriever"] == "BM25Retriever"
-    assert health["num_docs"] == 7416 and health["limits"]["max_batch"] == 8
+    assert (health["kind"], health["num_docs"], health["index"]) == ("bm25", 7416, str(bm25_index))
+    assert health["limits"]["max_batch"] == 8 and health["queue"]["max"] == 256
 
 
 def test_service_stopped_midway_gives_clear_error_after_retries(bm25_retriever):
@@ -124,6 +135,7 @@ def test_timeout_and_5xx_are_retried_then_reported(bm25_retriever):
         client = _client(failing.url, max_retries=2, backoff_s=0.01)
         with pytest.raises(RetrievalError, match=r"after 3 attempt\(s\) \(HTTP 503: index is being rebuilt\)"):
             client.search(["Neil Peart"], 1)
+        assert client.sleeps == [1.0, 1.0]  # the server's Retry-After (1 s) wins over the 0.01/0.02 s back-off
 
 
 def test_client_argument_checks():

@@ -84,6 +84,14 @@ class CachedRetriever:
         if callable(close):
             close()
 
+    def describe(self) -> dict:
+        """The inner retriever's facts plus the cache's counters (for ``/health``)."""
+        from stepsearch.retrieval.server import describe_retriever
+
+        stats = self.stats()
+        return {**describe_retriever(self.inner), "cache": {"size": stats.size, "max_size": stats.max_size,
+                                                             "hits": stats.hits, "misses": stats.misses}}
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -4,8 +4,11 @@ Request ``{"queries": [...], "topk": k, "return_scores": true}``; response ``{"r
 {"id", "contents"}, "score"}, ...], ...]}`` (documents alone when a server ignores return_scores;
 FlashRAG-style ``title``/``text`` documents are accepted too). The released StepSearch trainer
 had no timeout or retry: a stalled retriever froze training. Here every request has a timeout;
-connection errors, timeouts and 5xx answers are retried ``max_retries`` times with exponential
-back-off (``backoff_s * 2**attempt``, capped at 30 s); 4xx answers are not retried. When the service
+connection errors, timeouts and 5xx answers (our service's 503 "queue full" and 504 "timeout"
+included) are retried ``max_retries`` times with exponential back-off (``backoff_s * 2**attempt``),
+never sooner than the server's ``Retry-After`` and never longer than 30 s; 4xx answers (a limit
+exceeded, a bad query) are not retried. Batches larger than ``batch_size`` are sent in several
+requests (the service refuses more than its ``max_batch`` queries with 413). When the service
 stays down, :class:`~stepsearch.errors.RetrievalError` says so in one line.
 """
 
@@ -48,7 +51,9 @@ def parse_hit(item: object, position: int) -> Passage:
 class HttpRetriever:
     """Retriever that calls a remote ``/retrieve`` endpoint (see module docstring)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0, max_retries: int = 3, backoff_s: float = 0.5) -> None:
+    def __init__(
+        self, url: str, timeout_s: float = 30.0, max_retries: int = 3, backoff_s: float = 0.5, batch_size: int = 512
+    ) -> None:
         import httpx
 
         if timeout_s <= 0:
@@ -57,6 +62,9 @@ class HttpRetriever:
             raise RetrievalError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if backoff_s < 0:
             raise RetrievalError(f"backoff_s must be >= 0, got {backoff_s}")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise RetrievalError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
         self.url = retrieve_url(url)
         self.timeout_s, self.max_retries, self.backoff_s = float(timeout_s), max_retries, float(backoff_s)
         self._client = httpx.Client(timeout=self.timeout_s)
@@ -64,24 +72,27 @@ class HttpRetriever:
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         check_search_args(queries, k)
-        if not queries:
-            return []
-        body = {"queries": list(queries), "topk": int(k), "return_scores": True}
-        payload = self._post(body)
-        result = payload.get("result") if isinstance(payload, dict) else None
-        if not isinstance(result, list) or len(result) != len(queries):
-            got = f"{len(result)} result lists" if isinstance(result, list) else "no 'result' list"
-            raise RetrievalError(f"retrieval service at {self.url} answered {got} for {len(queries)} queries")
-        return [[parse_hit(item, rank) for rank, item in enumerate(hits[:k])] for hits in result]
+        results: list[list[Passage]] = []
+        for start in range(0, len(queries), self.batch_size):
+            batch = list(queries[start : start + self.batch_size])
+            payload = self._post({"queries": batch, "topk": int(k), "return_scores": True})
+            result = payload.get("result") if isinstance(payload, dict) else None
+            if not isinstance(result, list) or len(result) != len(batch):
+                got = f"{len(result)} result lists" if isinstance(result, list) else "no 'result' list"
+                raise RetrievalError(f"retrieval service at {self.url} answered {got} for {len(batch)} queries")
+            results += [[parse_hit(item, rank) for rank, item in enumerate(hits[:k])] for hits in result]
+        return results
 
     def _post(self, body: dict) -> object:
         import httpx
 
         last_error = ""
+        retry_after = 0.0
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             if attempt:
-                self._sleep(min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
+                self._sleep(min(max(self.backoff_s * 2 ** (attempt - 1), retry_after), MAX_BACKOFF_S))
+            retry_after = 0.0
             try:
                 response = self._client.post(self.url, json=body)
             except httpx.TimeoutException:
@@ -92,6 +103,7 @@ class HttpRetriever:
                 continue
             if response.status_code >= 500:
                 last_error = f"HTTP {response.status_code}: {_detail(response)}"
+                retry_after = _retry_after_s(response)
                 continue
             if response.status_code >= 400:
                 raise RetrievalError(f"retrieval service at {self.url} rejected the request: "
@@ -116,6 +128,18 @@ class HttpRetriever:
 
     def __repr__(self) -> str:
         return f"HttpRetriever({self.url!r}, timeout_s={self.timeout_s:g}, max_retries={self.max_retries})"
+
+    def describe(self) -> dict:
+        return {"retriever": type(self).__name__, "kind": "http", "url": self.url}
+
+
+def _retry_after_s(response) -> float:
+    """``Retry-After`` in seconds (the delay form; an HTTP date is ignored), else 0."""
+    value = response.headers.get("retry-after", "").strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 0.0
 
 
 def _detail(response) -> str:

@@ -209,6 +209,14 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=positive_int, default=512, help="max queries per request")
     parser.add_argument("--max-query-chars", type=positive_int, default=4096, help="max characters per query")
     parser.add_argument("--max-topk", type=positive_int, default=100, help="max topk per request")
+    parser.add_argument("--max-queue", type=positive_int, default=256,
+                        help="requests waiting for the search worker; more get 503 + Retry-After (default: 256)")
+    parser.add_argument("--max-batch-queries", type=positive_int, default=1024,
+                        help="queries of several requests merged into one search call (default: 1024)")
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0,
+                        help="wait this long for more requests before a search call (default: 0)")
+    parser.add_argument("--request-timeout", type=float, default=30.0,
+                        help="seconds a request may wait and search; then 504 (default: 30)")
     parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
@@ -230,14 +238,24 @@ def run_serve(args: argparse.Namespace) -> int:
         threads=args.threads, cache_size=max(args.cache_size, 0),
     )
     retriever = build_retriever(config)
+    if args.request_timeout <= 0 or args.batch_wait_ms < 0:
+        raise StepSearchError("--request-timeout must be > 0 and --batch-wait-ms >= 0")
     app = create_app(
         retriever, max_batch=args.max_batch, max_query_chars=args.max_query_chars,
-        max_topk=args.max_topk, default_topk=args.topk,
+        max_topk=args.max_topk, default_topk=args.topk, max_queue=args.max_queue,
+        max_batch_queries=args.max_batch_queries, batch_wait_ms=args.batch_wait_ms,
+        request_timeout_s=args.request_timeout,
     )
     console = Console(stderr=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {args.host}: the service has no authentication", soft_wrap=True)
     console.print(f"serving {kind} index {args.index} at http://{args.host}:{args.port}/retrieve (Ctrl-C stops)",
                   soft_wrap=True, highlight=False)
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        close = getattr(retriever, "close", None)
+        if callable(close):
+            close()
+    console.print("retrieval service stopped", highlight=False)
     return 0
