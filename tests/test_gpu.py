@@ -119,14 +119,14 @@ def test_bf16_weights_ppo_on_gpu(gpu_env):
 
 
 def test_fsdp_is_refused_in_one_line(gpu_env):
-    """FSDP rejects the backward passes a PPO iteration runs inside training_step (seen on an H200):
-    the module refuses it at setup with a message, instead of failing mid-iteration."""
+    """FSDP1 rejects the backward passes a PPO iteration runs inside training_step (seen on an H200):
+    the module refuses it at setup with a message pointing at FSDP2 (configs/trainer/fsdp.yaml)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     from stepsearch.errors import StepSearchError
 
     try:
-        with pytest.raises(StepSearchError, match="FSDP is not supported"):
+        with pytest.raises(StepSearchError, match="FSDP1 .* use FSDP2"):
             _fit(gpu_env, "fsdp", strategy=FSDPStrategy(sharding_strategy="FULL_SHARD"))
     finally:  # Lightning leaves the process group up; later tests must not sync through it
         if torch.distributed.is_initialized():

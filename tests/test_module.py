@@ -63,27 +63,26 @@ def _artifacts(client, run_id, path=None) -> list[str]:
 
 
 class PlacedRecorder:
-    """Wraps ``training.ppo_iteration`` (and the module's scoring) to keep what each PPO iteration
+    """Wraps ``StepSearchPPO.ppo_update`` (and the module's scoring) to keep what each PPO iteration
     was given: (trajectory, placed rewards, trajectory scores)."""
 
     def __init__(self, monkeypatch):
         import stepsearch.module as module_file
-        import stepsearch.training as training
 
         self.calls: list[tuple] = []
-        original, original_score = training.ppo_iteration, module_file.score_trajectories
+        original, original_score = module_file.StepSearchPPO.ppo_update, module_file.score_trajectories
         last_scores: list = []
 
         def scoring(*args, **kwargs):
             last_scores[:] = [original_score(*args, **kwargs)]
             return last_scores[0]
 
-        def recording(module, trajectory, placed):
+        def recording(module, trajectory, placed, num_prompts):
             self.calls.append((trajectory, placed.detach().clone(), last_scores[0]))
-            return original(module, trajectory, placed)
+            return original(module, trajectory, placed, num_prompts)
 
         monkeypatch.setattr(module_file, "score_trajectories", scoring)
-        monkeypatch.setattr(training, "ppo_iteration", recording)
+        monkeypatch.setattr(module_file.StepSearchPPO, "ppo_update", recording)
 
 
 # ---------------------------------------------------------------------------------------- fit
@@ -188,8 +187,13 @@ def test_resume_from_last_checkpoint_runs_one_more_iteration(fitted, training_en
     resumed = module.state_dict()
     policy_keys = [k for k in saved["state_dict"] if k.startswith("actor_critic.policy.")]
     assert any(not torch.equal(saved["state_dict"][k], resumed[k]) for k in policy_keys)
-    reference_keys = [k for k in saved["state_dict"] if k.startswith("actor_critic.reference.")]
-    assert reference_keys and all(torch.equal(saved["state_dict"][k], resumed[k]) for k in reference_keys)
+    # The frozen reference is not checkpointed: the resumed run rebuilt it from the policy's source.
+    assert not [k for k in saved["state_dict"] if ".reference" in k]
+    from stepsearch.models.loading import load_policy
+
+    source, _ = load_policy(training_env.sft_dir, device="cpu")
+    rebuilt = dict(module.actor_critic.reference.named_parameters())
+    assert all(torch.equal(p, rebuilt[n]) for n, p in source.named_parameters())
     import mlflow
 
     client = mlflow.tracking.MlflowClient(uri)
@@ -301,7 +305,7 @@ def test_steppo_places_step_scores_only_at_search_ends(training_env, tmp_path, m
 def test_grpo_updates_the_actor_and_leaves_the_critic(training_env, tmp_path, monkeypatch):
     recorder = PlacedRecorder(monkeypatch)
     module, trainer = _fit_one(training_env, tmp_path, ppo={"algorithm": "grpo", "grpo_group_size": 2,
-                                                            "mini_batch_size": 4, "micro_batch_size": 2})
+                                                            "mini_batch_size": 2, "micro_batch_size": 2})
     ac = module.actor_critic
     actor, critic = _snapshot(ac.actor_parameters()), _snapshot(ac.critic_parameters())
     trainer.fit(module, make_datamodule(training_env, batch_size=2))

@@ -143,3 +143,60 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+# ------------------------------------------------------------------ synthetic PPO batches (no rollout)
+
+SYNTH_SIZES = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """A random tiny Qwen2 (tokenizer trained on the built-in texts), built once per ``root``."""
+    key = f"tiny:{root}"
+    if key not in _CACHE:
+        from stepsearch.models.tiny import make_tiny_model
+
+        with one_thread():
+            _CACHE[key] = make_tiny_model(root / "tiny_synth", [], seed=0, **SYNTH_SIZES)
+    return _CACHE[key]
+
+
+def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0, group_size: int = 1):
+    """A ``RolloutBatch`` of random tokens with prompt/response/observation/padding structure: per
+    row a prompt of 3–5 tokens, a response with a 2-token "observation" block cut out of the policy
+    mask, right padding, and placed scores at a few policy tokens."""
+    from stepsearch.training import RolloutBatch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, length), generator=g)
+    attn = torch.zeros(rows, length, dtype=torch.long)
+    policy = torch.zeros(rows, length, dtype=torch.bool)
+    response = torch.zeros(rows, length, dtype=torch.bool)
+    scores = torch.zeros(rows, length)
+    for b in range(rows):
+        prompt = 3 + int(torch.randint(0, 3, (1,), generator=g))
+        real = length - int(torch.randint(0, 4, (1,), generator=g))
+        attn[b, :real] = 1
+        response[b, prompt:real] = True
+        policy[b, prompt:real] = True
+        obs = prompt + 2 + int(torch.randint(0, max(real - prompt - 4, 1), (1,), generator=g))
+        policy[b, obs:obs + 2] = False
+        last = int(policy[b].nonzero().max())
+        scores[b, last] = float(torch.rand(1, generator=g) * 2 - 1)
+        mid = int(policy[b].nonzero()[len(policy[b].nonzero()) // 2])
+        scores[b, mid] += 0.3
+    ids = torch.where(attn.bool(), ids, torch.zeros_like(ids))
+    groups = torch.arange(rows) // group_size
+    return RolloutBatch(input_ids=ids, attention_mask=attn, policy_mask=policy[:, 1:], response_mask=response[:, 1:],
+                        token_scores=scores[:, 1:], group_ids=groups)
+
+
+def plain_collectives():
+    """Single-process :class:`Collectives` with a plain optimizer step (norm not measured: 0)."""
+    from stepsearch.training import Collectives
+
+    def step(optimizer, params):
+        optimizer.step()
+        return 0.0
+
+    return Collectives(step=step)

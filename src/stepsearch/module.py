@@ -350,7 +350,7 @@ class StepSearchPPO(pl.LightningModule):
         self.actor_critic.save_policy(out)
         from stepsearch.tracking import log_policy_dir, report_before_after
 
-        log_policy_dir(self.logger, out)
+        log_policy_dir(self.logger, out, self.rollout_config)  # + stepsearch_policy.json for evaluate
         if self.history:
             report_before_after(self.history, self.logger)
         print(f"trained policy (Hugging Face format): {out}")

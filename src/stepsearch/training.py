@@ -1,204 +1,301 @@
-"""One PPO iteration on a rollout batch: scoring passes, advantages, and the minibatch updates.
+"""One PPO iteration in pure parts: scoring, advantages over the global batch, actor and critic updates.
 
-Kept apart from ``module.py`` so the Lightning hooks stay short; the math itself lives in
-``stepsearch.ppo.core`` (pure tensors). Column ``j`` of every ``[B, L-1]`` tensor here is token
-``j + 1`` of the row (see ``models.policy`` for the alignment).
+Kept apart from ``module.py`` so the Lightning hooks stay short; the math lives in
+``stepsearch.ppo.core`` (pure tensors). Column ``j`` of every ``[B, W]`` tensor (``W = L-1``) is
+token ``j + 1`` of the row (see ``models.policy`` for the alignment). Everything distributed comes in
+through :class:`Collectives` (sums over ranks, gathers, the backward and optimizer step), so the same
+functions run on one process, under DDP, FSDP2, and in the golden-step test with plain
+``loss.backward(); opt.step()``.
+
+Invariances the design keeps (tested): the update does not depend on ``micro_batch_size`` nor on the
+number of ranks. Each minibatch's loss is aggregated by name (``token-mean`` by default) with the
+denominator counted over the whole minibatch on all ranks; gradients are *summed* over micro-batches
+and ranks (a strategy that averages over ranks gets its loss scaled by the world size). Minibatch
+``k`` is rows ``[k·m, (k+1)·m)`` of every rank's rows (``m`` = per-rank minibatch), which with the
+data sampler's strided layout (rank ``r`` holds global prompts ``r, r+W, …``) is the same set of
+global rows for any number of ranks; PPO epochs visit the minibatches in an order drawn from a
+generator seeded by (seed, iteration), the same on every rank. Departure from veRL/the released
+code: there each epoch reshuffles rows into minibatches (rank-dependent); here the composition of
+minibatches is fixed within an iteration and only their order changes.
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from stepsearch.models.policy import scatter_rows
 from stepsearch.ppo import core
 
-
-def _trimmed(trajectory, rows: torch.Tensor):
-    """Rows of the batch cut to their longest real length (right padding is dead compute)."""
-    ids = trajectory.input_ids[rows]
-    attn = trajectory.attention_mask[rows]
-    length = int(attn.sum(1).max())
-    return ids[:, :length], attn[:, :length], length
+Tensor = torch.Tensor
 
 
-def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
+@dataclass
+class Collectives:
+    """How an update talks to the strategy (identity/plain on one process).
+
+    Args:
+        reduce_sum: sum a tensor over all ranks (a copy on one process).
+        gather: concatenate a tensor's dim 0 over all ranks, in rank order.
+        backward: run backward on a loss (Lightning's ``manual_backward`` under no-sync).
+        step: reduce gradients, clip and step one optimizer; returns the pre-clip gradient norm
+            (non-finite: the step was skipped).
+        grad_scale: multiply losses by this (the world size when the strategy averages gradients
+            over ranks, so that they end up summed).
+        world_size: number of ranks ``reduce_sum`` spans.
+        rank: this rank's index.
+    """
+
+    reduce_sum: Callable[[Tensor], Tensor] = lambda t: t.clone()
+    gather: Callable[[Tensor], Tensor] = lambda t: t
+    backward: Callable[[Tensor], None] = lambda loss: loss.backward()
+    step: Callable[..., float] = None
+    grad_scale: float = 1.0
+    world_size: int = 1
+    rank: int = 0
+
+
+@dataclass
+class RolloutBatch:
+    """A rank's share of the rollout batch as PPO sees it (all ``[B, W]`` unless noted).
+
+    ``group_ids`` ([B] long) say which rows are samples of the same prompt (GRPO groups); they are
+    global prompt ids, so groups are found across ranks, never inferred from row order.
+    """
+
+    input_ids: Tensor  # [B, L]
+    attention_mask: Tensor  # [B, L]
+    policy_mask: Tensor  # bool: policy-generated tokens (loss mask)
+    response_mask: Tensor  # bool: every response token (after the prompt, not padding)
+    token_scores: Tensor  # float: placed scores
+    group_ids: Tensor  # [B] long
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+    old_values: Tensor | None = None
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def from_trajectory(cls, trajectory, placed_scores: Tensor, group_ids: Tensor) -> "RolloutBatch":
+        ids, attn = trajectory.input_ids, trajectory.attention_mask
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        response = (positions[None, :] >= trajectory.prompt_lengths[:, None]) & attn.bool()
+        return cls(input_ids=ids, attention_mask=attn, policy_mask=trajectory.loss_mask[:, 1:].bool(),
+                   response_mask=response[:, 1:], token_scores=placed_scores[:, 1:].float(),
+                   group_ids=group_ids.to(ids.device))
+
+    def rows(self, rows: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Input ids and attention of ``rows``, cut to their longest real length (right padding is dead compute)."""
+        attn = self.attention_mask[rows]
+        length = int(attn.sum(1).max())
+        return self.input_ids[rows, :length], attn[:, :length], length - 1
+
+
+def value_mask(batch: RolloutBatch, released_gae: bool) -> Tensor:
+    """Where values, GAE and the value loss live: policy tokens (default) or all response tokens."""
+    return batch.response_mask if released_gae else batch.policy_mask
 
 
 @torch.no_grad()
-def score_batch(actor_critic, trajectory, micro_batch_size: int, need_values: bool, temperature: float = 1.0):
-    """Old log-probs, reference log-probs and values, micro-batched, as ``[B, L-1]`` tensors.
+def score_rollouts(actor_critic, batch: RolloutBatch, micro_batch_size: int, need_values: bool,
+                   temperature: float = 1.0, released_gae: bool = False) -> RolloutBatch:
+    """Fill old log-probs, reference log-probs and values (``[B, W]``, 0 off the masks), micro-batched.
 
     Log-probs are those of the sampling distribution, ``softmax(logits / temperature)`` (as veRL):
     otherwise PPO's ratio would compare against a distribution the tokens were not drawn from.
     """
-    width = trajectory.input_ids.shape[1] - 1
-    old_logp, ref_logp, values = [], [], []
-    for rows in torch.arange(len(trajectory)).split(max(micro_batch_size, 1)):
-        ids, attn, _ = _trimmed(trajectory, rows)
-        logits, shared_values = actor_critic.policy_forward(ids, attn)
-        old_logp.append(_pad_to(core.logprobs_from_logits(logits.float() / temperature, ids[:, 1:]), width))
-        ref_logits = actor_critic.reference_logits(ids, attn)
-        ref_logp.append(_pad_to(core.logprobs_from_logits(ref_logits.float() / temperature, ids[:, 1:]), width))
+    vmask = value_mask(batch, released_gae)
+    shape = batch.policy_mask.shape
+    old = torch.zeros(shape, device=batch.input_ids.device)
+    ref, values = torch.zeros_like(old), torch.zeros_like(old)
+    for rows in torch.arange(len(batch), device=old.device).split(max(micro_batch_size, 1)):
+        ids, attn, width = batch.rows(rows)
+        pmask, vm = batch.policy_mask[rows, :width], vmask[rows, :width]
+        logp, _, shared_values = actor_critic.policy_logprobs(
+            ids, attn, pmask, temperature, value_mask=vm if need_values and actor_critic.shared_critic else None)
+        old[rows, :width] = scatter_rows(logp.float(), pmask)
+        ref[rows, :width] = scatter_rows(actor_critic.reference_logprobs(ids, attn, pmask, temperature).float(), pmask)
         if need_values:
-            v = shared_values if shared_values is not None else actor_critic.critic_values(ids, attn)
-            values.append(_pad_to(v.float(), width))
-    out_values = torch.cat(values) if need_values else torch.zeros_like(torch.cat(old_logp))
-    return torch.cat(old_logp), torch.cat(ref_logp), out_values
+            v = shared_values if actor_critic.shared_critic else actor_critic.values(ids, attn, vm)
+            values[rows, :width] = scatter_rows(v.float(), vm)
+    batch.old_logp, batch.ref_logp, batch.old_values = old, ref, values
+    return batch
 
 
-def _grad_norm_and_clip(module, params, max_norm: float) -> float:
-    """Clip by global norm and return the norm before clipping (DeepSpeed clips inside its engine,
-    by its ``gradient_clipping`` setting; FSDP is refused at setup, see ``StepSearchPPO.setup``)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+def compute_advantages(batch: RolloutBatch, cfg, beta: float, comm: Collectives) -> dict[str, float]:
+    """Advantages and returns over the GLOBAL batch (whitening / GRPO groups across ranks).
 
-    if isinstance(module.trainer.strategy, DeepSpeedStrategy):
-        return float("nan")
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
-
-
-def _ddp_strategy(module):
-    """The strategy when it is multi-process DDP (gradients averaged here), else ``None``.
-
-    PPO runs several backward passes per step, each through part of the parameters (actor loss,
-    critic loss), which DDP's per-backward reducer rejects ("parameters that were not used in
-    producing the loss"). So backward runs under ``block_backward_sync`` and gradients are averaged
-    once per optimizer step (DeepSpeed, a DDP subclass, reduces its own gradients).
+    PPO: token rewards = placed − β·KL(old‖ref) on policy tokens, GAE, whitening over the global
+    value mask. GRPO: group-normalised sequence scores over the gathered batch. Returns the global
+    mean KL per policy token (and its token count) for the KL controller and the logs.
     """
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-    strategy = module.trainer.strategy
-    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and strategy.world_size > 1:
-        return strategy
-    return None
-
-
-def _average_gradients(params, world_size: int) -> None:
-    """All-reduce (mean) the gradients of ``params``; every rank runs the same graph, so the set of
-    parameters with a gradient is the same on all ranks."""
-    for param in params:
-        if param.grad is not None:
-            torch.distributed.all_reduce(param.grad)
-            param.grad.div_(world_size)
-
-
-def ppo_iteration(module, trajectory, placed_scores: torch.Tensor) -> dict[str, float]:
-    """Advantages from the rollout, then ``ppo_epochs`` × minibatch updates. Returns logged stats."""
-    ac, cfg = module.actor_critic, module.ppo
-    grpo = cfg.algorithm == "grpo"
-    batch = len(trajectory)
-    ids, attn = trajectory.input_ids, trajectory.attention_mask
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    policy_mask = trajectory.loss_mask[:, 1:].float()
-    response_mask = ((positions[None, :] >= trajectory.prompt_lengths[:, None]) & attn.bool())[:, 1:].float()
-    value_mask = response_mask if cfg.released_gae else policy_mask
-
-    temperature = max(module.rollout_config.temperature, 1e-6)
-    old_logp, ref_logp, old_values = score_batch(ac, trajectory, cfg.micro_batch_size, need_values=not grpo,
-                                                 temperature=temperature)
-    token_scores = placed_scores[:, 1:].float()
-    if grpo:
-        kl_tokens = core.kl_penalty(old_logp, ref_logp, cfg.kl_estimator) * policy_mask
-        sequence_scores = token_scores.sum(1)
-        groups = torch.arange(batch, device=ids.device) // cfg.grpo_group_size
-        advantages = core.grpo_advantages(sequence_scores, groups)[:, None] * policy_mask
-        returns = torch.zeros_like(advantages)
+    pmask = batch.policy_mask
+    kl_tokens = core.kl_penalty(batch.old_logp, batch.ref_logp, cfg.kl_estimator) * pmask
+    if cfg.algorithm == "grpo":
+        local_scores = core.masked_sum(batch.token_scores, batch.response_mask, dim=1)
+        scores, groups = comm.gather(local_scores), comm.gather(batch.group_ids)
+        start = comm.rank * len(batch)  # ranks hold equal row counts (checked at setup)
+        advantages = core.grpo_advantages(scores, groups)[start:start + len(batch)]
+        batch.advantages = advantages[:, None] * pmask
+        batch.returns = torch.zeros_like(batch.advantages)
     else:
-        beta = module.kl_controller.value
-        token_rewards, kl_tokens = core.kl_shaped_rewards(token_scores, old_logp, ref_logp, policy_mask, beta, cfg.kl_estimator)
-        advantages, returns = core.compute_gae(
-            token_rewards, old_values, policy_mask, gamma=cfg.gamma, lam=cfg.lam,
-            skip_masked=not cfg.released_gae, response_mask=response_mask,
-        )
+        rewards, kl_tokens = core.kl_shaped_rewards(batch.token_scores, batch.old_logp, batch.ref_logp, pmask, beta,
+                                                   cfg.kl_estimator)
+        advantages, returns = core.compute_gae(rewards, batch.old_values, pmask, gamma=cfg.gamma, lam=cfg.lam,
+                                               skip_masked=not cfg.released_gae, response_mask=batch.response_mask)
         if cfg.whiten_advantages:
-            advantages = core.masked_whiten(advantages, value_mask)
-    mean_kl = float(core.masked_mean(kl_tokens, policy_mask)) if policy_mask.sum() > 0 else 0.0
+            advantages = core.masked_whiten(advantages, value_mask(batch, cfg.released_gae), reduce_sum=comm.reduce_sum)
+        batch.advantages, batch.returns = advantages, returns
+    kl_sum, tokens = comm.reduce_sum(torch.stack([core.masked_sum(kl_tokens.float(), pmask), pmask.sum().float()]))
+    return {"kl": float(kl_sum / tokens.clamp_min(1)), "policy_tokens": float(tokens)}
 
-    optimizers = module.optimizers()
-    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-    actor_opt = optimizers[0]
-    critic_opt = optimizers[1] if len(optimizers) > 1 else None
-    actor_params, critic_params = ac.actor_parameters(), ac.critic_parameters()
-    generator = torch.Generator().manual_seed(module.seed + module.trainer.global_step)
-    ddp = _ddp_strategy(module)
-    no_sync = ddp.block_backward_sync if ddp is not None else contextlib.nullcontext
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
 
-    def add(name: str, value) -> None:
-        sums[name] = sums.get(name, 0.0) + float(value)
-        counts[name] = counts.get(name, 0) + 1
+def minibatch_schedule(rows: int, mini_batch_size: int, epochs: int, generator: torch.Generator) -> list[Tensor]:
+    """Row indices of each optimizer step: ``epochs`` passes over the fixed minibatches
+    ``[k·m, (k+1)·m)`` in an order drawn from ``generator`` (see module doc: rank-invariant)."""
+    blocks = list(torch.arange(rows).split(max(mini_batch_size, 1)))
+    schedule = []
+    for _ in range(epochs):
+        schedule += [blocks[int(k)] for k in torch.randperm(len(blocks), generator=generator)]
+    return schedule
 
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(batch, generator=generator)
-        for minibatch in order.split(cfg.mini_batch_size):
-            actor_opt.zero_grad()
-            if critic_opt is not None:
-                critic_opt.zero_grad()
-            for rows in minibatch.split(cfg.micro_batch_size):
-                weight = len(rows) / len(minibatch)
-                rows_d = rows.to(ids.device)
-                mb_ids, mb_attn, length = _trimmed(trajectory, rows_d)
-                width = length - 1
-                mask = policy_mask[rows_d, :width]
-                logits, shared_values = ac.policy_forward(mb_ids, mb_attn)
-                scaled = logits.float() / temperature
-                logp = core.logprobs_from_logits(scaled, mb_ids[:, 1:])
-                entropy = core.masked_mean(core.entropy_from_logits(scaled), mask)
-                pg_loss, pg_stats = core.policy_loss(
-                    logp, old_logp[rows_d, :width], advantages[rows_d, :width], mask, clip_eps=cfg.clip_eps)
-                loss = pg_loss - cfg.entropy_coef * entropy
-                if grpo:
-                    kl_loss = core.masked_mean(core.kl_penalty(logp, ref_logp[rows_d, :width], "k3"), mask)
-                    loss = loss + cfg.kl_coef * kl_loss
-                    add("kl_loss", kl_loss.detach())
-                vmask = value_mask[rows_d, :width]
-                if shared_values is not None and not grpo:
-                    v_loss, v_stats = core.value_loss(shared_values.float(), old_values[rows_d, :width],
-                                                      returns[rows_d, :width], vmask, clip=cfg.value_clip)
-                    loss = loss + cfg.value_coef * v_loss
-                    add("value_loss", v_loss.detach())
-                    add("value_clip_frac", v_stats.get("vf_clip_frac", 0.0))
-                with no_sync():
-                    module.manual_backward(loss * weight)
-                if critic_opt is not None and not grpo:
-                    values = ac.critic_values(mb_ids, mb_attn).float()
-                    v_loss, v_stats = core.value_loss(values, old_values[rows_d, :width], returns[rows_d, :width],
-                                                      vmask, clip=cfg.value_clip)
-                    with no_sync():
-                        module.manual_backward(v_loss * weight)
-                    add("value_loss", v_loss.detach())
-                    add("value_clip_frac", v_stats.get("vf_clip_frac", 0.0))
-                add("policy_loss", pg_loss.detach())
-                add("entropy", entropy.detach())
-                add("clip_frac", pg_stats.get("clip_frac", 0.0))
-                add("approx_kl", pg_stats.get("approx_kl", 0.0))
-            if ddp is not None:
-                _average_gradients(actor_params, ddp.world_size)
-                if critic_opt is not None and not grpo:
-                    _average_gradients(critic_params, ddp.world_size)
-            add("actor_grad_norm", _grad_norm_and_clip(module, actor_params, module.optim.grad_clip))
-            actor_opt.step()
-            if critic_opt is not None and not grpo:
-                add("critic_grad_norm", _grad_norm_and_clip(module, critic_params, module.optim.grad_clip))
-                critic_opt.step()
 
-    schedulers = module.lr_schedulers()
-    schedulers = schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []
-    for scheduler in schedulers[:1] if grpo else schedulers:  # GRPO never steps the critic's optimizer
-        scheduler.step()
-    module.kl_controller.update(mean_kl, batch)
+class _Stats:
+    """Sums and counts of logged quantities, reduced over ranks in one flat all-reduce at the end.
 
-    stats = {name: sums[name] / counts[name] for name in sums}
-    stats.update({
-        "kl": mean_kl,
-        "advantage_mean": float(core.masked_mean(advantages, value_mask)) if value_mask.sum() > 0 else 0.0,
-        "return_mean": float(core.masked_mean(returns, value_mask)) if value_mask.sum() > 0 else 0.0,
-        "value_mean": float(core.masked_mean(old_values, value_mask)) if value_mask.sum() > 0 else 0.0,
-        "actor_lr": float(actor_opt.param_groups[0]["lr"]),
-    })
+    Loss shares are added with count 0 per micro-batch and a count of 1/world per minibatch, so the
+    reduced value is the mean over minibatches of the global minibatch loss. Values that are the
+    same on every rank (gradient norms, skipped steps) are kept apart in ``same``.
+    """
+
+    def __init__(self, world_size: int):
+        self.sums: dict[str, list[float]] = {}
+        self.same: dict[str, list[float]] = {}
+        self.world = world_size
+
+    def minibatch_done(self, names, norm_name: str, norm: float) -> None:
+        for name in names:
+            self.add(name, 0.0, 1.0 / self.world)
+        finite = bool(torch.isfinite(torch.tensor(norm)))
+        entry = self.same.setdefault(norm_name, [0.0, 0.0])
+        if finite:
+            entry[0] += norm
+            entry[1] += 1
+        self.same.setdefault("skipped_steps", [0.0, 1.0])[0] += 0.0 if finite else 1.0
+
+    def add(self, name: str, value, count: float = 1.0) -> None:
+        entry = self.sums.setdefault(name, [0.0, 0.0])
+        entry[0] += float(value)
+        entry[1] += float(count)
+
+    def reduce(self, comm: Collectives) -> dict[str, float]:
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        totals = comm.reduce_sum(torch.tensor([v for n in names for v in self.sums[n]], dtype=torch.float64))
+        out = {n: float(totals[2 * i] / max(float(totals[2 * i + 1]), 1e-12)) for i, n in enumerate(names)}
+        return out | {n: total / max(count, 1.0) for n, (total, count) in self.same.items()}
+
+
+def actor_update(actor_critic, batch: RolloutBatch, schedule: list[Tensor], cfg, optimizer, params,
+                 comm: Collectives, temperature: float = 1.0) -> dict[str, float]:
+    """Clipped policy loss − entropy bonus (+ GRPO's KL loss; + the shared head's value loss), one
+    optimizer step per minibatch of ``schedule``, micro-batched by ``cfg.micro_batch_size``."""
+    grpo, shared = cfg.algorithm == "grpo", actor_critic.shared_critic and cfg.algorithm != "grpo"
+    vmask_all = value_mask(batch, cfg.released_gae)
+    entropy_mode = "grad" if cfg.entropy_coef else "detached"
+    stats = _Stats(comm.world_size)
+    for minibatch in schedule:
+        minibatch = minibatch.to(batch.input_ids.device)
+        denom = comm.reduce_sum(torch.stack([core.aggregation_count(batch.policy_mask[minibatch], cfg.loss_agg),
+                                             core.aggregation_count(vmask_all[minibatch], cfg.loss_agg)]).float())
+        optimizer.zero_grad()
+        for rows in minibatch.split(max(cfg.micro_batch_size, 1)):
+            ids, attn, width = batch.rows(rows)
+            pmask, vmask = batch.policy_mask[rows, :width], vmask_all[rows, :width]
+            logp_flat, ent_flat, values_flat = actor_critic.policy_logprobs(
+                ids, attn, pmask, temperature, entropy=entropy_mode, value_mask=vmask if shared else None)
+            logp = scatter_rows(logp_flat, pmask)
+            pg_loss, pg_stats = core.policy_loss(logp, batch.old_logp[rows, :width], batch.advantages[rows, :width],
+                                                 pmask, clip_eps=cfg.clip_eps, loss_agg=cfg.loss_agg,
+                                                 denominator=denom[0])
+            entropy = core.aggregate_loss(scatter_rows(ent_flat, pmask), pmask, cfg.loss_agg, denom[0])
+            loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
+            if grpo:
+                kl = core.kl_penalty(logp, batch.ref_logp[rows, :width], "k3")
+                kl_loss = core.aggregate_loss(kl, pmask, cfg.loss_agg, denom[0])
+                loss = loss + cfg.kl_coef * kl_loss
+                stats.add("kl_loss", kl_loss.detach(), 0.0)
+            if shared:
+                v_loss, v_stats = core.value_loss(scatter_rows(values_flat, vmask), batch.old_values[rows, :width],
+                                                  batch.returns[rows, :width], vmask, clip=cfg.value_clip,
+                                                  loss_agg=cfg.loss_agg, denominator=denom[1])
+                loss = loss + cfg.value_coef * v_loss
+                stats.add("value_loss", v_loss.detach(), 0.0)
+                _add_fraction(stats, "value_clip_frac", v_stats["vf_clip_frac"], vmask)
+            comm.backward(loss * comm.grad_scale)
+            stats.add("policy_loss", pg_loss.detach(), 0.0)
+            stats.add("entropy", entropy.detach(), 0.0)
+            _add_fraction(stats, "clip_frac", pg_stats["clip_frac"], pmask)
+            _add_fraction(stats, "approx_kl", pg_stats["approx_kl"], pmask)
+        names = ("policy_loss", "entropy") + (("kl_loss",) if grpo else ()) + (("value_loss",) if shared else ())
+        stats.minibatch_done(names, "actor_grad_norm", comm.step(optimizer, params))
+    return stats.reduce(comm)
+
+
+def critic_update(actor_critic, batch: RolloutBatch, schedule: list[Tensor], cfg, optimizer, params,
+                  comm: Collectives) -> dict[str, float]:
+    """Clipped value loss on the separate critic, one optimizer step per minibatch of ``schedule``."""
+    vmask_all = value_mask(batch, cfg.released_gae)
+    stats = _Stats(comm.world_size)
+    for minibatch in schedule:
+        minibatch = minibatch.to(batch.input_ids.device)
+        denom = comm.reduce_sum(core.aggregation_count(vmask_all[minibatch], cfg.loss_agg).float().reshape(1))[0]
+        optimizer.zero_grad()
+        for rows in minibatch.split(max(cfg.micro_batch_size, 1)):
+            ids, attn, width = batch.rows(rows)
+            vmask = vmask_all[rows, :width]
+            values = scatter_rows(actor_critic.values(ids, attn, vmask), vmask)
+            v_loss, v_stats = core.value_loss(values, batch.old_values[rows, :width], batch.returns[rows, :width],
+                                              vmask, clip=cfg.value_clip, loss_agg=cfg.loss_agg, denominator=denom)
+            comm.backward(v_loss * comm.grad_scale)
+            stats.add("value_loss", v_loss.detach(), 0.0)
+            _add_fraction(stats, "value_clip_frac", v_stats["vf_clip_frac"], vmask)
+        stats.minibatch_done(("value_loss",), "critic_grad_norm", comm.step(optimizer, params))
+    return stats.reduce(comm)
+
+
+def _add_fraction(stats: _Stats, name: str, local_mean: Tensor, mask: Tensor) -> None:
+    count = float(mask.sum())
+    stats.add(name, float(local_mean) * count, count)
+
+
+def ppo_iteration(actor_critic, batch: RolloutBatch, cfg, optimizers, params, comm: Collectives, *,
+                  beta: float, temperature: float, generator: torch.Generator) -> dict[str, float]:
+    """Score, advantages over the global batch, then the actor (and separate critic) updates."""
+    grpo = cfg.algorithm == "grpo"
+    score_rollouts(actor_critic, batch, cfg.micro_batch_size, need_values=not grpo, temperature=temperature,
+                   released_gae=cfg.released_gae)
+    stats = compute_advantages(batch, cfg, beta, comm)
+    schedule = minibatch_schedule(len(batch), cfg.mini_batch_size, cfg.ppo_epochs, generator)
+    actor_opt, critic_opt = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
+    actor_stats = actor_update(actor_critic, batch, schedule, cfg, actor_opt, params[0], comm, temperature)
+    stats.update(actor_stats)
+    if critic_opt is not None and not grpo:
+        critic_stats = critic_update(actor_critic, batch, schedule, cfg, critic_opt, params[1], comm)
+        critic_stats["skipped_steps"] += stats["skipped_steps"]
+        stats.update(critic_stats)
+    vmask = value_mask(batch, cfg.released_gae)
+    means = comm.reduce_sum(torch.stack([core.masked_sum(batch.advantages.float(), vmask),
+                                         core.masked_sum(batch.returns.float(), vmask),
+                                         core.masked_sum(batch.old_values.float(), vmask), vmask.sum().float()]))
+    count = means[3].clamp_min(1)
+    stats.update({"advantage_mean": float(means[0] / count), "return_mean": float(means[1] / count),
+                  "value_mean": float(means[2] / count)})
     return stats

@@ -83,21 +83,25 @@ def load_policy(
     dtype="float32",
     device=None,
     gradient_checkpointing: bool = False,
+    trunk_only: bool = False,
     **kwargs,
 ):
     """Load ``(model, tokenizer)``: the causal LM in ``dtype`` on ``device`` (default: CUDA when
     available, else CPU), in eval mode, with ``pad_token_id`` set in its configs. Extra keyword
-    arguments go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``)."""
+    arguments go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``).
+    ``trunk_only``: the transformer without its LM head (``AutoModel``), e.g. a critic's trunk."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model_class = AutoModel if trunk_only else AutoModelForCausalLM
 
     tokenizer = load_tokenizer(name_or_path)
     torch_dtype = resolve_dtype(dtype)
     # transformers >= 4.56 calls it `dtype`; older versions `torch_dtype`.
-    params = inspect.signature(AutoModelForCausalLM.from_pretrained).parameters
+    params = inspect.signature(model_class.from_pretrained).parameters
     dtype_key = "dtype" if "dtype" in params or _transformers_major() >= 5 else "torch_dtype"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             str(name_or_path), **{dtype_key: torch_dtype}, **_source_kwargs(name_or_path), **kwargs
         )
     except (OSError, ValueError) as err:

@@ -1,7 +1,10 @@
 """PPO core (METHOD.md §3): pure tensor math for StePPO and the GRPO baseline."""
 
 from stepsearch.ppo.core import (
+    LOSS_AGGREGATIONS,
     AdaptiveKLController,
+    aggregate_loss,
+    aggregation_count,
     FixedKLController,
     compute_gae,
     entropy_from_logits,
@@ -18,7 +21,10 @@ from stepsearch.ppo.core import (
 )
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
+    "aggregate_loss",
+    "aggregation_count",
     "FixedKLController",
     "compute_gae",
     "entropy_from_logits",

@@ -19,6 +19,12 @@ masked-out positions are exactly zero (inputs are masked with ``torch.where`` be
   max((V−R)², (V_old + clip(V−V_old, ±c) − R)²).
 - GRPO: A_i = (s_i − mean_g)/(std_g + ε) within each group (unbiased std, as verl; a singleton group
   uses mean 0, std 1, as verl).
+- loss aggregation, registered by name (``LOSS_AGGREGATIONS``): ``token-mean`` = Σ per-token loss /
+  number of masked tokens, ``seq-mean-token-mean`` = Σ over rows of the row's token mean / number of
+  rows. The caller may pass the *denominator* (tokens or rows of the whole minibatch, summed over
+  micro-batches and ranks: ``aggregation_count``), so each micro-batch's loss is its share of the
+  minibatch loss and micro-batch split and rank count never change the gradient. Without it, the
+  denominator is the tensor's own (a plain masked mean, as before).
 """
 
 from __future__ import annotations
@@ -62,14 +68,59 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x − mean)/sqrt(var + eps) over the mask (mean added back if not ``shift_mean``); 0 outside the mask."""
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce_sum=None) -> Tensor:
+    """(x − mean)/sqrt(var + eps) over the mask (mean added back if not ``shift_mean``); 0 outside the mask.
+
+    ``reduce_sum`` (a callable summing a tensor over all ranks, e.g. an all-reduce) makes mean and
+    unbiased variance those of the global batch; by default they are this tensor's.
+    """
     m = _bool(mask)
-    mean = masked_mean(x, m)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, m) + eps)
+    reduce_sum = reduce_sum or (lambda t: t)
+    total, count = reduce_sum(torch.stack([masked_sum(x, m), m.sum().to(x.dtype)]))
+    mean = total / count.clamp_min(1)
+    squares = reduce_sum(masked_sum((x - mean) ** 2, m).reshape(1))[0]
+    var = squares / (count - 1).clamp_min(1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))
+
+
+def _token_mean(per_token: Tensor, mask: Tensor, denominator: Tensor | float | None) -> Tensor:
+    """[B, L] → Σ over the mask / denominator (default: the mask's token count)."""
+    m = _bool(mask)
+    total = masked_sum(per_token, m)
+    count = m.sum().to(total.dtype) if denominator is None else torch.as_tensor(denominator, dtype=total.dtype)
+    return total / count.clamp_min(1)
+
+
+def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, denominator: Tensor | float | None) -> Tensor:
+    """[B, L] → Σ over rows of the row's masked token mean / denominator (default: rows with a token)."""
+    m = _bool(mask)
+    row_tokens = m.sum(-1)
+    row_means = masked_sum(per_token, m, dim=-1) / row_tokens.clamp_min(1).to(per_token.dtype)
+    count = (row_tokens > 0).sum().to(per_token.dtype) if denominator is None else \
+        torch.as_tensor(denominator, dtype=per_token.dtype)
+    return row_means.sum() / count.clamp_min(1)
+
+
+LOSS_AGGREGATIONS = {"token-mean": _token_mean, "seq-mean-token-mean": _seq_mean_token_mean}
+
+
+def aggregation_count(mask: Tensor, mode: str = "token-mean") -> Tensor:
+    """What ``mode`` divides by, for this mask: its tokens (token-mean) or rows with a token."""
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    m = _bool(mask)
+    return m.sum() if mode == "token-mean" else (m.sum(-1) > 0).sum()
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, mode: str = "token-mean",
+                   denominator: Tensor | float | None = None) -> Tensor:
+    """A scalar loss from ``[B, L]`` per-token losses by the named aggregation (see module doc)."""
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[mode](per_token, mask, denominator)
 
 
 def _over_token_chunks(fn, logits: Tensor, *others: Tensor, chunk_tokens: int) -> Tensor:
@@ -231,8 +282,11 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float = 0.2,
+    loss_agg: str = "token-mean",
+    denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped PPO surrogate, token-mean over the mask; stats (detached): clip_frac, approx_kl, ratio."""
+    """Clipped PPO surrogate aggregated by ``loss_agg`` over the mask (``denominator``: see module doc);
+    stats (detached, means over this tensor's mask): clip_frac, approx_kl, ratio."""
     m = _bool(mask)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     log_ratio = torch.where(m, logp - old_logp, zero).clamp(-20.0, 20.0)
@@ -240,7 +294,7 @@ def policy_loss(
     adv = torch.where(m, advantages.to(logp.dtype), zero)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), m, loss_agg, denominator)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).to(logp.dtype), m),
@@ -256,8 +310,10 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip: float = 0.5,
+    loss_agg: str = "token-mean",
+    denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """0.5·masked mean of max((V−R)², (clip(V, V_old±clip) − R)²).
+    """0.5·(``loss_agg`` over the mask) of max((V−R)², (clip(V, V_old±clip) − R)²).
 
     Stats (detached): vf_clip_frac, value_mean.
     """
@@ -269,7 +325,7 @@ def value_loss(
     clipped_values = old_m + (values_m - old_m).clamp(-clip, clip)
     unclipped_err = (values_m - returns_m).square()
     clipped_err = (clipped_values - returns_m).square()
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), m)
+    loss = 0.5 * aggregate_loss(torch.maximum(unclipped_err, clipped_err), m, loss_agg, denominator)
     with torch.no_grad():
         stats = {
             "vf_clip_frac": masked_mean((clipped_err > unclipped_err).to(values.dtype), m),
@@ -307,7 +363,10 @@ def grpo_advantages(
 
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
     "AdaptiveKLController",
+    "aggregate_loss",
+    "aggregation_count",
     "FixedKLController",
     "compute_gae",
     "entropy_from_logits",
