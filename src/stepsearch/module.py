@@ -169,6 +169,10 @@ class StepSearchPPO(pl.LightningModule):
 
         self.val_metrics = EvalAccumulator()
         self.history: dict[str, dict[str, float]] = {}
+        group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
+        self.per_rank = {"batch_size": None, "mini_batch_size": self.ppo.mini_batch_size * group}  # set in setup
+        self.skipped_steps = 0
+        self.last_grad_norm = float("nan")
 
     # ----------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -223,8 +227,6 @@ class StepSearchPPO(pl.LightningModule):
 
     # -------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
-        from stepsearch.training import ppo_iteration
-
         iteration = self.trainer.global_step
         examples = list(batch)
         if self.ppo.algorithm == "grpo":
@@ -236,14 +238,16 @@ class StepSearchPPO(pl.LightningModule):
         scores = score_trajectories(trajectory.records, examples, self.reward_config)
         placed = place_rewards(scores, trajectory, self.reward_config)
         t2 = time.perf_counter()
-        stats = ppo_iteration(self, trajectory.to(self.device), placed.to(self.device))
+        stats = self.ppo_update(trajectory.to(self.device), placed.to(self.device), len(batch))
         t3 = time.perf_counter()
 
-        metrics = {f"train/{k}": float(v) for k, v in summarize_scores(scores).items()}
+        from stepsearch.sharding import global_means
+
+        episode = {**summarize_scores(scores), "response_length": float(trajectory.loss_mask.sum(1).float().mean())}
+        metrics = {f"train/{k}": v for k, v in global_means(self, episode, len(examples)).items()}
         metrics.update({f"train/{k}": float(v) for k, v in stats.items()})
         tokens = float(trajectory.timing.get("tokens_generated", 0.0))
         metrics.update({
-            "train/response_length": float(trajectory.loss_mask.sum(1).float().mean()),
             "time/rollout_s": t1 - t0,
             "time/retrieval_s": float(trajectory.timing.get("retrieval_s", 0.0)),
             "time/generation_s": float(trajectory.timing.get("generation_s", 0.0)),
@@ -260,6 +264,42 @@ class StepSearchPPO(pl.LightningModule):
             log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
                                    f"samples/train_step{iteration:05d}", self.num_logged_samples)
         self._count_one_iteration(iteration)
+
+    def ppo_update(self, trajectory, placed: torch.Tensor, num_prompts: int) -> dict[str, float]:
+        """One PPO iteration on this rank's rollouts (``stepsearch.training``): advantages over the
+        global batch, actor and critic updates, the KL controller and schedulers stepped once."""
+        from stepsearch.sharding import collectives
+        from stepsearch.training import RolloutBatch, ppo_iteration
+
+        comm = collectives(self)
+        group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
+        # Global prompt ids under the sampler's strided layout (local prompt j of rank r is j·W + r).
+        prompts = torch.arange(num_prompts, device=self.device) * comm.world_size + comm.rank
+        batch = RolloutBatch.from_trajectory(trajectory, placed, prompts.repeat_interleave(group))
+        cfg = replace(self.ppo, mini_batch_size=self.per_rank["mini_batch_size"])
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        ac = self.actor_critic
+        generator = torch.Generator().manual_seed(self.seed + self.trainer.global_step)
+        stats = ppo_iteration(ac, batch, cfg, optimizers, [ac.actor_parameters(), ac.critic_parameters()], comm,
+                              beta=self.kl_controller.value, temperature=max(self.rollout_config.temperature, 1e-6),
+                              generator=generator)
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []
+        for scheduler in schedulers[:1] if self.ppo.algorithm == "grpo" else schedulers:  # GRPO: critic idle
+            scheduler.step()
+        self.kl_controller.update(stats["kl"], int(len(batch) * comm.world_size))
+        stats["actor_lr"] = float(optimizers[0].param_groups[0]["lr"])
+        self.skipped_steps += int(stats.pop("skipped_steps", 0))
+        stats["skipped_steps"] = float(self.skipped_steps)
+        stats.pop("policy_tokens", None)
+        return stats
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After AMP unscaling, before the step: clip by global norm; a non-finite norm skips the step."""
+        from stepsearch.sharding import clip_or_skip
+
+        self.last_grad_norm = clip_or_skip(self, optimizer, self.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
