@@ -68,7 +68,7 @@ class StepSearchDataModule(pl.LightningDataModule):
         world: generate a synthetic world (corpus + splits) into ``world_dir`` and use it for any
             split, and the corpus, not given explicitly.
         world_dir: where the world is written (and its BM25 index, ``index_bm25``).
-        batch_size: prompts per training batch.
+        batch_size: prompts per training batch (PPO iteration), over all ranks.
         val_batch_size: prompts per validation/test batch.
         val_fraction: fraction of train held out as validation (seeded); exclusive with ``val``.
         max_train_examples: keep at most this many training examples (after the split).
@@ -223,7 +223,15 @@ class StepSearchDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._setup_train_val()
-        return self._loader(self.train_examples, self.batch_size, True, "train")
+        return self._loader(self.train_examples, self.per_rank_batch_size(), True, "train")
+
+    def per_rank_batch_size(self) -> int:
+        """``batch_size`` is global (prompts per PPO iteration over all ranks): each rank loads its share."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise StepSearchError(f"data.batch_size={self.batch_size} must be divisible by the number of ranks ({world}): "
+                                  "batch sizes are global (all ranks)")
+        return self.batch_size // world
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
