@@ -132,3 +132,87 @@ def test_default_tracking_uri(monkeypatch):
     assert default_tracking_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracker:5000")
     assert default_tracking_uri() == "http://tracker:5000"
+
+
+def test_logger_reads_the_environment_when_made(monkeypatch, tmp_path):
+    from stepsearch.tracking import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    assert MLFlowLogger(experiment_name="x")._tracking_uri == f"sqlite:///{tmp_path}/env.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert MLFlowLogger(experiment_name="x")._tracking_uri == "sqlite:///mlflow.db"
+    # No config of ours pins the store over the variable.
+    from training_fixtures import REPO
+
+    for path in [*REPO.glob("configs/**/*.yaml"), *REPO.glob("experiments/**/*.yaml")]:
+        assert "tracking_uri" not in yaml_text(path), path
+
+
+def yaml_text(path) -> str:
+    return "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("algorithm, name, step_rewards", [("steppo", "steppo-seed3", True), ("ppo", "ppo-seed3", False),
+                                                            ("grpo", "grpo-seed3", True)])
+def test_effective_config_tags_and_run_name(algorithm, name, step_rewards, tmp_path):
+    import mlflow
+
+    from stepsearch.module import PPOSettings, StepSearchPPO
+    from stepsearch.tracking import effective_settings, log_effective_config, run_name_from_tags, run_tags
+
+    module = StepSearchPPO(ppo=PPOSettings(algorithm=algorithm), seed=3)
+    tags = run_tags(module)
+    assert tags["algorithm"] == algorithm and tags["seed"] == 3
+    assert tags["step_rewards"] is step_rewards and tags["search_key_reward"] is step_rewards
+    assert run_name_from_tags(tags) == name
+    assert run_name_from_tags({**tags, "information_gain": False}) == (
+        "ppo-seed3" if algorithm == "ppo" else f"{algorithm}-no_information_gain-seed3")
+    # The config said step rewards on; the effective settings (what the module uses) win.
+    flat = {"model.rewards.step_rewards": True, "model.ppo.algorithm": algorithm, "config": ["a.yaml"]}
+    flat.update(effective_settings(module))
+    assert flat["model.rewards.step_rewards"] is step_rewards
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    run = client.create_run(client.create_experiment("e"))
+    log_effective_config(client, run.info.run_id, flat)
+    params = client.get_run(run.info.run_id).data.params
+    assert params["model.rewards.step_rewards"] == str(step_rewards) and "config" not in params
+
+
+def test_lightning_hyperparameters_are_not_logged_twice(tmp_path):
+    import mlflow
+
+    from stepsearch.tracking import MLFlowLogger
+
+    logger = MLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    logger.log_hyperparams({"model": {"ppo": "PPOSettings(...)"}, "rollout": "RolloutConfig(...)"})
+    assert mlflow.MlflowClient(logger._tracking_uri).get_run(logger.run_id).data.params == {}
+
+
+def test_policy_card_and_curves(tmp_path):
+    import mlflow
+
+    from stepsearch.rollout.engine import RolloutConfig
+    from stepsearch.suite import policy_rollout
+    from stepsearch.tracking import MLFlowLogger, _log_curves, log_policy_dir
+
+    logger = MLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    for step, (em, f1) in enumerate([(0.1, 0.1), (0.3, 0.3)]):  # EM equal to F1: both must still show
+        logger.log_metrics({"val/em": em, "val/f1": f1, "train/reward": em - 1}, step=step)
+    log_policy_dir(logger, tmp_path / "policy", RolloutConfig(template="compact", max_turns=4))
+    config, card = policy_rollout(str(tmp_path / "policy"), {"max_turns": 2})
+    assert config.template == "compact" and config.max_turns == 2 and card["run_id"] == logger.run_id
+    client = mlflow.MlflowClient(logger._tracking_uri)
+    assert client.get_run(logger.run_id).data.tags["policy_dir"] == str((tmp_path / "policy").resolve())
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_log_figure = client.log_figure
+    client.log_figure = lambda run_id, fig, name: (figures.append(fig), real_log_figure(run_id, fig, name))
+    _log_curves(client, logger.run_id)
+    (fig,) = figures
+    left, right = fig.axes
+    assert left.get_ylabel() and left.get_xlabel() == "PPO iteration" and fig._suptitle.get_text()
+    styles = {line.get_label(): (line.get_linestyle(), line.get_marker()) for line in left.lines}
+    assert set(styles) == {"EM", "F1"} and styles["EM"] != styles["F1"]
+    assert [line.get_label() for line in right.lines] == ["reward"]
+    plt.close("all")

@@ -87,7 +87,7 @@ def test_quickstart_run_in_mlflow(quickstart_run):
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     experiment = client.get_experiment_by_name("quickstart")
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == "quickstart-steppo" and run.info.status == "FINISHED"
+    assert run.info.run_name == "steppo-seed0" and run.info.status == "FINISHED"  # named from its tags
     run_id = run.info.run_id
     for key in ("train/reward", "train/answer_f1", "train/info_gain", "train/redundancy", "train/key_score",
                 "train/format_ok", "val/em", "val/f1", "val/reward"):

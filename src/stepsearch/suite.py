@@ -33,7 +33,7 @@ from pathlib import Path
 
 from stepsearch.errors import StepSearchError
 
-POLICY_CARD = "stepsearch_policy.json"
+POLICY_CARD = "stepsearch_policy.json"  # beside an exported policy; written by stepsearch.tracking.log_policy_dir
 
 
 @dataclass

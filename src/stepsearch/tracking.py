@@ -1,8 +1,17 @@
-"""MLflow tracking: the default logger, resolved config, sample trajectories, before/after report.
+"""MLflow tracking: the default logger, effective config, tags, sample trajectories, reports, ``ui``.
 
 - ``default_tracking_uri()``: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db`` in the working dir.
-- ``MLflowSaveConfigCallback``: LightningCLI's config saver that also logs the resolved YAML as an
-  artifact and its flattened keys as params, so runs can be compared on any setting.
+- ``MLFlowLogger``: Lightning's, with the store resolved when the logger is made (so
+  ``MLFLOW_TRACKING_URI`` overrides it; configs name no URI) and hyperparameters logged once, by
+  the callback below, instead of a second time under Lightning's names.
+- ``MLflowSaveConfigCallback``: LightningCLI's config saver that logs the resolved YAML as an
+  artifact and the *effective* flattened config as params (the reward switches as the algorithm
+  leaves them: PPO forces the step and key rewards off), tags ``algorithm``, ``seed`` and the reward
+  switches, and names the run from them (``steppo-seed0``, ``ppo-seed1``) unless a run name is set.
+- ``log_policy_dir``: tag ``policy_dir`` and write ``stepsearch_policy.json`` beside the exported
+  policy (rollout settings, MLflow run), which ``evaluate``/``ask`` read.
+- ``python -m stepsearch ui``: ``mlflow ui`` on the same store, printing the runs-table URL
+  (MLflow 3 opens experiments in its GenAI view, where training runs are not listed).
 - ``log_trajectory_samples``: a JSONL of sample trajectories plus an HTML page where environment
   tokens (loss mask 0) are shaded, so masks can be checked by eye.
 - ``report_before_after``: prints step-0 vs last validation metrics as a table and logs it.
@@ -16,12 +25,29 @@ import os
 from pathlib import Path
 
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+REWARD_SWITCHES = ("step_rewards", "information_gain", "redundancy_penalty", "search_key_reward")
+from stepsearch.suite import POLICY_CARD  # noqa: E402  (the policy card evaluate reads)
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class MLFlowLogger(_LightningMLFlowLogger):
+    """Lightning's MLflow logger; ``tracking_uri`` defaults to :func:`default_tracking_uri` at
+    construction (Lightning's default reads the variable at import, and else writes ``./mlruns``).
+    Hyperparameters are logged once, as the effective config, by :class:`MLflowSaveConfigCallback`."""
+
+    def __init__(self, experiment_name: str = "stepsearch", run_name: str | None = None,
+                 tracking_uri: str | None = None, **kwargs):
+        super().__init__(experiment_name=experiment_name, run_name=run_name,
+                         tracking_uri=tracking_uri or default_tracking_uri(), **kwargs)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Ignored: Lightning would log the module's and datamodule's init args under second names."""
 
 
 def _mlflow_target(logger):
@@ -64,8 +90,53 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         client.log_text(run_id, text, "config.yaml")
         flat: dict = {}
         _flatten("", self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config), flat)
-        params = {k: str(v)[:500] for k, v in flat.items() if k not in ("config",)}
-        trainer.logger.log_hyperparams(params)
+        flat.update(effective_settings(pl_module))
+        log_effective_config(client, run_id, flat)
+        tags = run_tags(pl_module)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+        if not getattr(trainer.logger, "_run_name", None):
+            client.set_tag(run_id, "mlflow.runName", run_name_from_tags(tags))
+
+
+def effective_settings(pl_module) -> dict:
+    """``model.rewards.*`` and ``model.ppo.algorithm`` as the module uses them (PPO forces the step
+    and key rewards off, whatever the config says)."""
+    from dataclasses import asdict
+
+    out = {}
+    if getattr(pl_module, "reward_config", None) is not None:
+        out.update({f"model.rewards.{k}": v for k, v in asdict(pl_module.reward_config).items()})
+    if getattr(pl_module, "ppo", None) is not None:
+        out["model.ppo.algorithm"] = pl_module.ppo.algorithm
+    return out
+
+
+def log_effective_config(client, run_id: str, flat: dict) -> None:
+    """Each setting once, as an MLflow param (batches of 100, values cut at MLflow's 6000 chars)."""
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flat.items()) if k != "config"]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start:start + 100])
+
+
+def run_tags(pl_module) -> dict:
+    """``algorithm``, ``seed`` and the effective reward switches of a ``StepSearchPPO``."""
+    tags = {"algorithm": getattr(getattr(pl_module, "ppo", None), "algorithm", "unknown"),
+            "seed": getattr(pl_module, "seed", "")}
+    rewards = getattr(pl_module, "reward_config", None)
+    for switch in REWARD_SWITCHES:
+        if rewards is not None:
+            tags[switch] = bool(getattr(rewards, switch))
+    return tags
+
+
+def run_name_from_tags(tags: dict) -> str:
+    """``{algorithm}[-no_{switch}...]-seed{S}``: switches named only where StePPO turns one off
+    (PPO's are off by definition)."""
+    off = [] if tags["algorithm"] == "ppo" else [f"no_{s}" for s in REWARD_SWITCHES if tags.get(s) is False]
+    return "-".join([tags["algorithm"], *off, f"seed{tags['seed']}"])
 
 
 def trajectory_rows(tokenizer, trajectory, scores, examples, limit: int) -> list[dict]:
@@ -132,11 +203,19 @@ def log_trajectory_samples(logger, tokenizer, trajectory, scores, examples, name
     client.log_text(run_id, trajectory_html(tokenizer, trajectory, rows), f"{name}.html")
 
 
-def log_policy_dir(logger, path) -> None:
-    """Record where the trained policy was written (MLflow tag ``policy_dir``)."""
+def log_policy_dir(logger, path, rollout=None) -> None:
+    """Record where the trained policy was written (MLflow tag ``policy_dir``) and write its card,
+    ``stepsearch_policy.json`` (rollout settings, MLflow run), for ``evaluate`` and ``ask``."""
+    from dataclasses import asdict
+
     client, run_id = _mlflow_target(logger)
+    card: dict = {"rollout": asdict(rollout) if rollout is not None else {}}
     if client is not None:
         client.set_tag(run_id, "policy_dir", str(Path(path).resolve()))
+        card.update(run_id=run_id, tracking_uri=logger._tracking_uri,
+                    experiment_id=client.get_run(run_id).info.experiment_id)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    (Path(path) / POLICY_CARD).write_text(json.dumps(card, indent=1) + "\n")
 
 
 def report_before_after(history: dict[str, dict[str, float]], logger) -> str:
@@ -165,28 +244,67 @@ def report_before_after(history: dict[str, dict[str, float]], logger) -> str:
     return text
 
 
+CURVE_PANELS = (
+    ("validation (greedy)", "score", (("val/em", "EM", "-", "o"), ("val/f1", "F1", "--", "s"))),
+    ("training (sampled)", "mean per trajectory", (("train/reward", "reward", "-", "o"),
+                                                   ("train/answer_f1", "answer F1", "--", "s"))),
+)
+
+
 def _log_curves(client, run_id: str) -> None:
-    """PNG of the validation and training curves of this run (matplotlib, headless)."""
+    """``curves.png``: validation EM and F1 (left) and training reward and answer F1 (right) against
+    PPO iteration; distinct line styles and markers so equal series stay visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [("val/em", "val EM"), ("val/f1", "val F1"), ("train/reward", "train reward"),
-             ("train/answer_f1", "train answer F1")]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     plotted = False
-    for key, label in names:
-        history = client.get_metric_history(run_id, key)
-        if history:
-            points = sorted((m.step, m.value) for m in history)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-            plotted = True
+    for ax, (title, ylabel, series) in zip(axes, CURVE_PANELS):
+        for key, label, style, marker in series:
+            history = client.get_metric_history(run_id, key)
+            if history:
+                points = sorted((m.step, m.value) for m in history)
+                ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=style, marker=marker,
+                        markersize=4, markerfacecolor="none" if style == "--" else None, label=label)
+                plotted = True
+        ax.set(title=title, xlabel="PPO iteration", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(frameon=False)
     if not plotted:
         plt.close(fig)
         return
-    ax.set_xlabel("PPO iteration")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig.suptitle(client.get_run(run_id).info.run_name or run_id)
     client.log_figure(run_id, fig, "curves.png")
     plt.close(fig)
+
+
+def configure_ui(parser) -> None:
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--print-only", action="store_true", help="print the runs URLs, do not start the server")
+
+
+def runs_urls(uri: str, host: str, port: int) -> list[tuple[str, str]]:
+    """(experiment name, URL of its runs table in the "Model training" view) for every experiment."""
+    import mlflow
+
+    experiments = mlflow.MlflowClient(uri).search_experiments()
+    return [(e.name, f"http://{host}:{port}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in experiments]
+
+
+def run_ui(args) -> int:
+    import shutil
+    import sys
+
+    uri = default_tracking_uri()
+    for name, url in runs_urls(uri, args.host, args.port):
+        print(f"{name}: {url}")
+    if args.print_only:
+        return 0
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
+    return 0
