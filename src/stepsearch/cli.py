@@ -35,6 +35,8 @@ COMMANDS: dict = {
     "sft": ("stepsearch.sft", "sft", "Supervised warm-start on golden search trajectories."),
     "evaluate": ("stepsearch.suite", "evaluate", "Benchmark table: EM/F1 of agent/rag/direct per benchmark (Markdown, CSV, MLflow, JSONL)."),
     "ask": ("stepsearch.suite", "ask", "Ask a policy one question; print its trajectory turn by turn."),
+    "compare": ("stepsearch.compare", "compare", "Runs from MLflow grouped by a param/tag: mean ± std table and curves PNG."),
+    "ui": ("stepsearch.compare", "ui", "Start `mlflow ui` on the store and print each experiment's runs-table URL."),
 }
 
 

@@ -10,8 +10,7 @@
   switches, and names the run from them (``steppo-seed0``, ``ppo-seed1``) unless a run name is set.
 - ``log_policy_dir``: tag ``policy_dir`` and write ``stepsearch_policy.json`` beside the exported
   policy (rollout settings, MLflow run), which ``evaluate``/``ask`` read.
-- ``python -m stepsearch ui``: ``mlflow ui`` on the same store, printing the runs-table URL
-  (MLflow 3 opens experiments in its GenAI view, where training runs are not listed).
+- ``python -m stepsearch ui`` (:mod:`stepsearch.compare`) opens the same store's runs.
 - ``log_trajectory_samples``: a JSONL of sample trajectories plus an HTML page where environment
   tokens (loss mask 0) are shaded, so masks can be checked by eye.
 - ``report_before_after``: prints step-0 vs last validation metrics as a table and logs it.
@@ -279,32 +278,3 @@ def _log_curves(client, run_id: str) -> None:
     fig.suptitle(client.get_run(run_id).info.run_name or run_id)
     client.log_figure(run_id, fig, "curves.png")
     plt.close(fig)
-
-
-def configure_ui(parser) -> None:
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--print-only", action="store_true", help="print the runs URLs, do not start the server")
-
-
-def runs_urls(uri: str, host: str, port: int) -> list[tuple[str, str]]:
-    """(experiment name, URL of its runs table in the "Model training" view) for every experiment."""
-    import mlflow
-
-    experiments = mlflow.MlflowClient(uri).search_experiments()
-    return [(e.name, f"http://{host}:{port}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
-            for e in experiments]
-
-
-def run_ui(args) -> int:
-    import shutil
-    import sys
-
-    uri = default_tracking_uri()
-    for name, url in runs_urls(uri, args.host, args.port):
-        print(f"{name}: {url}")
-    if args.print_only:
-        return 0
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
-    return 0

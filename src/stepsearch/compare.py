@@ -1,0 +1,290 @@
+"""``python -m stepsearch compare``: runs side by side from an MLflow store; ``ui``: the store's runs.
+
+``compare`` selects runs (experiment names, run ids, and/or an MLflow filter string), groups them by
+a param or tag (``model.ppo.algorithm``, ``tag.algorithm``, ``model.rewards.step_rewards``), and for
+every validation metric (overall, per dataset, per hop; searches per question, reward, answer F1)
+and the training reward reports the **final** value (the run's last logged step) and the **best**
+(maximum over its history; for scores only) as mean ± sample standard deviation over the group's runs,
+with the number of runs. It prints the table, writes it as ``compare.md`` and ``compare.csv``, and
+draws ``compare.png``: validation EM and training reward against PPO iteration, one colour per group,
+a thin line per run and a thick line for the group mean. Works on any tracking URI
+(``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; ``--tracking-uri`` overrides).
+
+``ui`` starts ``mlflow ui`` on the same store and prints, per experiment, the URL of its runs table in
+the "Model training" view (MLflow 3 opens experiments in its GenAI view, where no run is listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+
+from stepsearch.errors import StepSearchError
+
+SCORE_SUFFIXES = ("/em", "/f1", "/answer_f1")
+CURVES = (("val/em", "validation EM (greedy)"), ("train/reward", "training reward (sampled, algorithm's own)"))
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    from stepsearch.tracking import default_tracking_uri
+
+    return explicit or default_tracking_uri()
+
+
+def select_runs(client, experiments=(), run_ids=(), filter_string: str = "") -> list:
+    """Runs of the named experiments (matching ``filter_string``) plus the given run ids, without repeats."""
+    from mlflow.exceptions import MlflowException
+
+    runs, seen = [], set()
+    if experiments:
+        ids = []
+        for name in experiments:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+                raise StepSearchError(f"compare: no MLflow experiment named {name!r} in the store (experiments: {known})")
+            ids.append(experiment.experiment_id)
+        try:
+            found = client.search_runs(ids, filter_string or "", max_results=5000)
+        except MlflowException as err:
+            raise StepSearchError(f"compare: bad --filter {filter_string!r}: {str(err).splitlines()[0]}") from None
+        for run in found:
+            if run.info.run_id not in seen:
+                seen.add(run.info.run_id)
+                runs.append(run)
+    elif filter_string:
+        all_ids = [e.experiment_id for e in client.search_experiments()]
+        return select_runs(client, [client.get_experiment(i).name for i in all_ids], run_ids, filter_string)
+    for run_id in run_ids:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise StepSearchError(f"compare: run {run_id} does not exist in the store") from None
+        if run.info.run_id not in seen:
+            seen.add(run.info.run_id)
+            runs.append(run)
+    if not runs:
+        raise StepSearchError("compare: no runs selected (check --experiment/--run-id/--filter)")
+    return runs
+
+
+def group_value(run, key: str) -> str | None:
+    """The run's value of a param or tag: ``tag.X``/``tags.X``, ``param.X``/``params.X``, or bare
+    ``X`` (params first, then tags)."""
+    match = re.match(r"(tags?|params?)\.(.+)", key)
+    if match:
+        source = run.data.tags if match.group(1).startswith("tag") else run.data.params
+        return source.get(match.group(2))
+    return run.data.params.get(key, run.data.tags.get(key))
+
+
+def group_runs(runs, key: str) -> dict[str, list]:
+    groups: dict[str, list] = {}
+    for run in runs:
+        value = group_value(run, key)
+        groups.setdefault("(unset)" if value is None else value, []).append(run)
+    if set(groups) == {"(unset)"}:
+        sample = sorted(set(runs[0].data.params) | {f"tag.{t}" for t in runs[0].data.tags if not t.startswith("mlflow.")})
+        raise StepSearchError(f"compare: no selected run has {key!r} (params/tags of the first run include: "
+                              f"{', '.join(sample[:15])})")
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (n−1; 0 for one run) and n."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std, n
+
+
+def metric_keys(runs) -> list[str]:
+    """Validation metrics (overall first, then per dataset and per hop) and the training reward."""
+    keys = {k for run in runs for k in run.data.metrics if k.startswith("val/")}
+
+    def order(key: str):
+        depth = key.count("/")
+        return (depth, "hops_" in key, key)
+
+    return sorted(keys, key=order) + (["train/reward"] if any("train/reward" in r.data.metrics for r in runs) else [])
+
+
+def histories(client, runs, keys) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """run id -> metric -> [(step, value)] sorted by step (the last value logged at a step wins)."""
+    out: dict = {}
+    for run in runs:
+        per_key = {}
+        for key in keys:
+            points: dict[int, tuple[int, float]] = {}
+            for m in client.get_metric_history(run.info.run_id, key):
+                if m.step not in points or m.timestamp >= points[m.step][0]:
+                    points[m.step] = (m.timestamp, m.value)
+            per_key[key] = sorted((step, value) for step, (_, value) in points.items())
+        out[run.info.run_id] = per_key
+    return out
+
+
+def summarize(groups: dict[str, list], curves: dict, keys: list[str]) -> list[dict]:
+    """One row per metric: per group, (mean, std, n) of the final value and of the best value."""
+    rows = []
+    for key in keys:
+        row = {"metric": key, "final": {}, "best": {}}
+        for name, runs in groups.items():
+            finals = [curves[r.info.run_id][key][-1][1] for r in runs if curves[r.info.run_id][key]]
+            bests = [max(v for _, v in curves[r.info.run_id][key]) for r in runs if curves[r.info.run_id][key]]
+            row["final"][name] = mean_std(finals) if finals else None
+            row["best"][name] = mean_std(bests) if bests and key.endswith(SCORE_SUFFIXES) else None
+        rows.append(row)
+    return rows
+
+
+def _cell(stat) -> str:
+    return "" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def format_markdown(rows: list[dict], groups: dict[str, list], group_by: str) -> str:
+    names = list(groups)
+    head = ["metric"] + [f"{n} final" for n in names] + [f"{n} best" for n in names]
+    lines = [f"Grouped by `{group_by}`: " + ", ".join(f"{n} (n={len(groups[n])})" for n in names)
+             + ". Mean ± sample std over runs; final = last validation, best = max over validations.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["metric"]] + [_cell(row["final"][n]) for n in names] + [_cell(row["best"][n]) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_csv(rows: list[dict], groups: dict[str, list]) -> str:
+    lines = ["metric,group,n,final_mean,final_std,best_mean,best_std"]
+    for row in rows:
+        for name in groups:
+            final, best = row["final"][name], row["best"][name]
+            if final is None:
+                continue
+            best_cells = f"{best[0]:.6f},{best[1]:.6f}" if best else ","
+            lines.append(f"{row['metric']},{name},{final[2]},{final[0]:.6f},{final[1]:.6f},{best_cells}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(groups: dict[str, list], curves: dict, path: Path, title: str) -> Path:
+    """``compare.png``: one panel per CURVES metric; a colour per group, thin line per run, thick mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 4.2), constrained_layout=True)
+    colours = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes, CURVES):
+        for index, (name, runs) in enumerate(groups.items()):
+            colour = colours(index % 10)
+            by_step: dict[int, list[float]] = {}
+            for run in runs:
+                points = curves[run.info.run_id].get(key) or []
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, linewidth=0.8, alpha=0.45)
+                for step, value in points:
+                    by_step.setdefault(step, []).append(value)
+            if by_step:
+                steps = sorted(by_step)
+                ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], color=colour, linewidth=2.4,
+                        marker="o" if key.startswith("val/") else None, markersize=4, label=f"{name} (n={len(runs)})")
+        ax.set(xlabel="PPO iteration", ylabel=label.split(" (")[0], title=label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(frameon=False, fontsize=9)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def compare(uri: str, experiments=(), run_ids=(), filter_string: str = "", group_by: str = "tag.algorithm",
+            out_dir: str | Path = "runs/compare") -> tuple[list[dict], dict[str, list], str]:
+    """Select, group, summarise; write compare.md/.csv/.png under ``out_dir``. Returns (rows, groups, Markdown)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = select_runs(client, experiments, run_ids, filter_string)
+    groups = dict(sorted(group_runs(runs, group_by).items()))
+    keys = metric_keys(runs)
+    if not keys:
+        raise StepSearchError("compare: the selected runs logged no val/ or train/reward metrics")
+    curves = histories(client, runs, keys)
+    rows = summarize(groups, curves, keys)
+    md = format_markdown(rows, groups, group_by)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(md)
+    (out / "compare.csv").write_text(format_csv(rows, groups))
+    title = f"{', '.join(experiments) or 'selected runs'}: grouped by {group_by}"
+    plot_curves(groups, curves, out / "compare.png", title)
+    return rows, groups, md
+
+
+def configure_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", action="append", default=[], help="MLflow experiment name (repeatable)")
+    parser.add_argument("--run-id", action="append", default=[], help="a run id (repeatable)")
+    parser.add_argument("--filter", default="", help="MLflow filter, e.g. \"params.`model.ppo.epochs` = '2'\"")
+    parser.add_argument("--group-by", default="tag.algorithm",
+                        help="param or tag to group by: tag.algorithm (default), model.ppo.algorithm, tag.step_rewards ...")
+    parser.add_argument("--out", default="runs/compare", help="where compare.md/.csv/.png go")
+    parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not (args.experiment or args.run_id or args.filter):
+        raise StepSearchError("compare: select runs with --experiment NAME, --run-id ID or --filter EXPR")
+    rows, groups, _ = compare(tracking_uri(args.tracking_uri), args.experiment, args.run_id, args.filter,
+                              args.group_by, args.out)
+    names = list(groups)
+    table = Table(title=f"grouped by {args.group_by}: mean ± std (n runs)",
+                  caption="final = last logged value; best = max over the run's validations")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(f"{name} final (n={len(groups[name])})", justify="right")
+    for name in names:
+        table.add_column(f"{name} best", justify="right")
+    for row in rows:
+        table.add_row(row["metric"], *[_cell(row["final"][n]) for n in names], *[_cell(row["best"][n]) for n in names])
+    Console(width=max(160, 20 + 34 * len(names))).print(table)
+    out = Path(args.out)
+    print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+    return 0
+
+
+def configure_ui(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--print-only", action="store_true", help="print the runs URLs; do not start the server")
+
+
+def runs_urls(uri: str, host: str, port: int) -> list[tuple[str, str]]:
+    """(experiment name, URL of its runs table in the "Model training" view), per experiment."""
+    import mlflow
+
+    return [(e.name, f"http://{host}:{port}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
+            for e in mlflow.MlflowClient(uri).search_experiments()]
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    import shutil
+    import sys
+
+    uri = tracking_uri(args.tracking_uri)
+    for name, url in runs_urls(uri, args.host, args.port):
+        print(f"{name}: {url}")
+    if args.print_only:
+        return 0
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    print(f"starting mlflow ui on {uri} (Ctrl-C stops it)")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
+    return 0
