@@ -22,7 +22,7 @@ QUERY_FIELDS = ("query", "question")
 
 
 def configure_index_build(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--corpus", required=True, help="JSONL corpus: {id, contents} (wiki-18) or {id, title, text}")
+    parser.add_argument("--corpus", help="JSONL corpus: {id, contents} (wiki-18) or {id, title, text}")
     parser.add_argument("--index", required=True, help="output index directory (new, empty, or an index to replace)")
     parser.add_argument("--kind", choices=("bm25", "dense"), default="bm25", help="index type (default: bm25)")
     parser.add_argument("--threads", type=positive_int, default=2, help="indexing threads (default: 2)")
@@ -32,31 +32,56 @@ def configure_index_build(parser: argparse.ArgumentParser) -> None:
     dense.add_argument("--encoder", default=None, help="encoder name or local path (default: packaged all-MiniLM-L6-v2)")
     dense.add_argument("--query-prefix", default="query: ", help="prefix recorded for queries (default: 'query: ')")
     dense.add_argument("--passage-prefix", default="passage: ", help="prefix for passages (default: 'passage: ')")
-    dense.add_argument("--faiss", choices=("flat", "hnsw"), default="flat", help="FAISS index type (default: flat)")
+    dense.add_argument("--faiss", default="flat",
+                       help="FAISS index type: flat, flat-fp16, hnsw, hnsw-sq8, ivf-flat, ivf-sq8, ivf-sq4, ivf-pq, "
+                            "or a faiss.index_factory string (default: flat)")
+    dense.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: ~4*sqrt(passages))")
+    dense.add_argument("--pq-m", type=positive_int, default=None, help="ivf-pq bytes per vector (default: dim/4)")
+    dense.add_argument("--train-size", type=positive_int, default=None,
+                       help="vectors sampled to train IVF/PQ/SQ types (default: min(all, max(100k, 64*nlist)))")
     dense.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch size (default: 64)")
     dense.add_argument("--max-length", type=positive_int, default=256, help="max tokens per passage (default: 256)")
+    dense.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="encoder pooling (default: mean)")
+    external = parser.add_argument_group("indexes built elsewhere (attached: nothing copied or re-encoded)")
+    external.add_argument("--faiss-file", help="a FAISS index file (e.g. Search-R1's e5_Flat.index); --corpus is "
+                                               "its JSONL (row i = vector i), --encoder/--query-prefix its encoder")
+    external.add_argument("--lucene-dir", help="a Lucene index folder built by Pyserini/Anserini (stored contents or raw)")
 
 
 def run_index_build(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from stepsearch.retrieval.index import build_index, read_index_meta
+    from stepsearch.retrieval.faiss_index import FaissSpec
+    from stepsearch.retrieval.index import attach_index, build_index, read_index_meta
 
-    index_dir = build_index(
-        args.corpus,
-        args.index,
-        args.kind,
-        encoder=args.encoder,
-        threads=args.threads,
-        strict=args.strict,
-        show_progress=not args.quiet,
-        query_prefix=args.query_prefix,
-        passage_prefix=args.passage_prefix,
-        faiss_index=args.faiss,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-    )
+    if args.faiss_file and args.lucene_dir:
+        raise StepSearchError("give --faiss-file or --lucene-dir, not both")
+    if args.faiss_file or args.lucene_dir:
+        if args.lucene_dir and args.corpus:
+            raise StepSearchError("--lucene-dir takes no --corpus: the Lucene index stores its documents")
+        index_dir = attach_index(
+            args.index, faiss_file=args.faiss_file, corpus=args.corpus, lucene_dir=args.lucene_dir,
+            encoder=args.encoder, query_prefix=args.query_prefix, pooling=args.pooling,
+            max_length=args.max_length, show_progress=not args.quiet,
+        )
+    else:
+        if not args.corpus:
+            raise StepSearchError("--corpus is required (or attach an index built elsewhere: --faiss-file / --lucene-dir)")
+        index_dir = build_index(
+            args.corpus,
+            args.index,
+            args.kind,
+            encoder=args.encoder,
+            threads=args.threads,
+            strict=args.strict,
+            show_progress=not args.quiet,
+            query_prefix=args.query_prefix,
+            passage_prefix=args.passage_prefix,
+            faiss_index=FaissSpec(type=args.faiss, nlist=args.nlist, pq_m=args.pq_m, train_size=args.train_size),
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
     meta = read_index_meta(index_dir)
     if meta.skipped:
         errors = Console(stderr=True)
@@ -65,14 +90,22 @@ def run_index_build(args: argparse.Namespace) -> int:
             errors.print(f"  {example}", markup=False, highlight=False, soft_wrap=True)
         if meta.skipped > len(meta.skipped_examples):
             errors.print(f"  ... and {meta.skipped - len(meta.skipped_examples)} more")
-    table = Table(title=f"{meta.kind} index built", show_header=False)
+    attached = bool(args.faiss_file or args.lucene_dir)
+    table = Table(title=f"{meta.kind} index {'attached' if attached else 'built'}", show_header=False)
     table.add_row("index", str(index_dir))
-    table.add_row("corpus", str(meta.corpus))
+    if meta.kind == "bm25" and attached:
+        table.add_row("Lucene folder", meta.lucene_dir)
+    else:
+        table.add_row("corpus", str(meta.corpus))
     table.add_row("passages", f"{meta.count:,}")
-    table.add_row("skipped lines", str(meta.skipped))
+    if not attached:
+        table.add_row("skipped lines", str(meta.skipped))
     if meta.kind == "dense":
-        table.add_row("encoder", f"{meta.encoder} ({meta.dim}-d, FAISS {meta.faiss_index})")
-    table.add_row("seconds", f"{meta.build_seconds:.1f}")
+        faiss_class = meta.faiss_params.get("faiss_class", "")
+        table.add_row("encoder", f"{meta.encoder} ({meta.dim}-d), query prefix {meta.query_prefix!r}")
+        table.add_row("FAISS", f"{meta.faiss_file or 'faiss.index'} ({meta.faiss_index}, {faiss_class})")
+    if meta.build_seconds is not None:
+        table.add_row("seconds", f"{meta.build_seconds:.1f}")
     Console().print(table)
     return 0
 
@@ -90,9 +123,29 @@ def configure_search(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", "--k", type=positive_int, default=3, help="passages per query (default: 3)")
     parser.add_argument("--threads", type=positive_int, default=2, help="search threads (default: 2)")
     parser.add_argument("--batch-size", type=positive_int, default=1000, help="queries per batch call (default: 1000)")
-    parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
     parser.add_argument("--bm25-k1", type=float, default=0.9, help="BM25 k1 (default: 0.9)")
     parser.add_argument("--bm25-b", type=float, default=0.4, help="BM25 b (default: 0.4)")
+    add_dense_open_options(parser)
+
+
+def add_dense_open_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``search``/``serve`` for opening a dense index (ours, attached, or a bare FAISS file)."""
+    dense = parser.add_argument_group("dense options")
+    dense.add_argument("--encoder", default=None, help="override the index's encoder (name or local path)")
+    dense.add_argument("--corpus-jsonl", dest="docstore", default=None,
+                       help="with --index FILE.index: the corpus JSONL of that FAISS file (row i = vector i)")
+    dense.add_argument("--query-prefix", default=None, help="override the index's query prefix")
+    dense.add_argument("--pooling", choices=("mean", "cls"), default=None, help="override the encoder pooling")
+    dense.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists visited per query (default: 32)")
+    dense.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidates per query (default: 128)")
+    dense.add_argument("--mmap", action="store_true", help="memory-map the FAISS codes instead of loading them")
+    dense.add_argument("--faiss-gpu", action="store_true", help="FAISS on all visible GPUs (sharded, fp16)")
+
+
+def dense_config_fields(args: argparse.Namespace) -> dict:
+    """RetrieverConfig fields from :func:`add_dense_open_options`."""
+    return {"encoder": args.encoder, "query_prefix": args.query_prefix, "pooling": args.pooling,
+            "nprobe": args.nprobe, "ef_search": args.ef_search, "mmap": args.mmap, "faiss_gpu": args.faiss_gpu}
 
 
 def read_queries(path: str | Path) -> list[str]:
@@ -120,16 +173,14 @@ def read_queries(path: str | Path) -> list[str]:
 
 
 def _open_retriever(args: argparse.Namespace):
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
-    from stepsearch.retrieval.index import read_index_meta
+    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, index_kind
 
     if args.url:
         return build_retriever(RetrieverConfig(kind="http", url=args.url))
-    meta = read_index_meta(args.index)
     return build_retriever(
         RetrieverConfig(
-            kind=meta.kind, index=args.index, encoder=args.encoder, threads=args.threads,
-            bm25_k1=args.bm25_k1, bm25_b=args.bm25_b,
+            kind=index_kind(args.index), index=args.index, corpus=args.docstore, threads=args.threads,
+            bm25_k1=args.bm25_k1, bm25_b=args.bm25_b, **dense_config_fields(args),
         )
     )
 
@@ -217,25 +268,26 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="wait this long for more requests before a search call (default: 0)")
     parser.add_argument("--request-timeout", type=float, default=30.0,
                         help="seconds a request may wait and search; then 504 (default: 30)")
-    parser.add_argument("--encoder", default=None, help="dense only: override the index's encoder")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_dense_open_options(parser)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
-    from stepsearch.retrieval.index import read_index_meta
+    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, index_kind
     from stepsearch.retrieval.server import create_app, run_server
 
     if not 0 <= args.port <= 65535:
         raise StepSearchError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.corpus and args.docstore:
+        raise StepSearchError("--corpus builds a BM25 index; --corpus-jsonl is a FAISS file's corpus: give one")
     kind = "bm25"
     if not args.corpus or Path(args.index).exists():
-        kind = read_index_meta(args.index).kind
+        kind = index_kind(args.index)
     config = RetrieverConfig(
-        kind=kind, index=args.index, corpus=args.corpus, encoder=args.encoder,
-        threads=args.threads, cache_size=max(args.cache_size, 0),
+        kind=kind, index=args.index, corpus=args.corpus or args.docstore,
+        threads=args.threads, cache_size=max(args.cache_size, 0), **dense_config_fields(args),
     )
     retriever = build_retriever(config)
     if args.request_timeout <= 0 or args.batch_wait_ms < 0:

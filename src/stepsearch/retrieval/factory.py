@@ -3,6 +3,12 @@
 This is the one place where config becomes a backend, so training, evaluation, the CLI and the
 service all select BM25, dense or remote HTTP retrieval the same way; ``cache_size > 0`` wraps
 the result in an LRU :class:`~stepsearch.retrieval.cache.CachedRetriever`.
+
+Indexes built elsewhere need no datamodule change: ``kind: dense`` with ``index`` set to a FAISS
+*file* (Search-R1's ``e5_Flat.index``) and ``corpus`` to its JSONL (``wiki-18.jsonl``) opens them
+directly (``corpus`` is then the document store, never a build input); ``kind: bm25`` with
+``index`` set to a Lucene folder built by Pyserini/Anserini opens it as is; an attached index
+folder (``index build --faiss-file``/``--lucene-dir``) opens like any other.
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ class RetrieverConfig:
         backoff_s: first HTTP retry delay; doubles each retry.
         bm25_k1: BM25 term-frequency saturation.
         bm25_b: BM25 length normalisation.
+        faiss_index: FAISS type when a dense index is built here (``flat``, ``flat-fp16``, ``hnsw``,
+            ``hnsw-sq8``, ``ivf-flat``, ``ivf-sq8``, ``ivf-sq4``, ``ivf-pq`` or a factory string).
+        faiss_nlist: IVF lists for that build (default ~4·sqrt(passages)).
+        faiss_pq_m: PQ bytes per vector for ``ivf-pq`` (default dim/4).
+        nprobe: IVF lists visited per query (default 32).
+        ef_search: HNSW candidate list per query (default 128).
+        mmap: memory-map the FAISS codes instead of loading them.
+        faiss_gpu: put the FAISS index on all visible GPUs (sharded, fp16), as Search-R1's ``--faiss_gpu``.
+        pooling: dense encoder pooling, ``mean`` or ``cls`` (default: the index's, else mean).
     """
 
     kind: str = "bm25"
@@ -51,14 +66,28 @@ class RetrieverConfig:
     backoff_s: float = 0.5
     bm25_k1: float = 0.9
     bm25_b: float = 0.4
+    faiss_index: str = "flat"
+    faiss_nlist: int | None = None
+    faiss_pq_m: int | None = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+    mmap: bool = False
+    faiss_gpu: bool = False
+    pooling: str | None = None
 
 
 def _ensure_index(config: RetrieverConfig) -> Path:
     if not config.index:
         raise RetrievalError(f"retriever kind {config.kind!r} needs an index directory (retriever.index)")
     index_dir = Path(config.index)
+    from stepsearch.retrieval.faiss_index import FaissSpec
     from stepsearch.retrieval.index import META_FILE, build_index
 
+    if index_dir.is_file():  # a FAISS file built elsewhere: nothing to build
+        if config.kind != "dense":
+            raise RetrievalError(f"retriever.index {index_dir} is a file: a FAISS index needs kind 'dense', "
+                                 "a BM25 index is a Lucene folder")
+        return index_dir
     if config.corpus and not (index_dir / META_FILE).exists() and not (index_dir.is_dir() and any(index_dir.iterdir())):
         build_index(
             config.corpus,
@@ -68,6 +97,7 @@ def _ensure_index(config: RetrieverConfig) -> Path:
             threads=config.threads,
             query_prefix="query: " if config.query_prefix is None else config.query_prefix,
             passage_prefix="passage: " if config.passage_prefix is None else config.passage_prefix,
+            faiss_index=FaissSpec(type=config.faiss_index, nlist=config.faiss_nlist, pq_m=config.faiss_pq_m),
         )
     return index_dir
 
@@ -94,14 +124,24 @@ def build_retriever(config: RetrieverConfig) -> Retriever:
     else:
         from stepsearch.retrieval.dense import DenseRetriever
 
+        index = _ensure_index(config)
         retriever = DenseRetriever(
-            _ensure_index(config), encoder=config.encoder, query_prefix=config.query_prefix, threads=config.threads
+            index, encoder=config.encoder, query_prefix=config.query_prefix, threads=config.threads,
+            nprobe=config.nprobe, ef_search=config.ef_search, mmap=config.mmap, faiss_gpu=config.faiss_gpu,
+            corpus=config.corpus if index.is_file() else None, pooling=config.pooling,
         )
     if config.cache_size:
         from stepsearch.retrieval.cache import CachedRetriever
 
         retriever = CachedRetriever(retriever, config.cache_size)
     return retriever
+
+
+def index_kind(index: str | Path) -> str:
+    """``dense`` for a FAISS file, else the kind an index folder's metadata (or Lucene files) says."""
+    from stepsearch.retrieval.index import read_index_meta
+
+    return "dense" if Path(index).is_file() else read_index_meta(index).kind
 
 
 def load_retriever(index_dir: str | Path, **options) -> Retriever:
@@ -111,6 +151,10 @@ def load_retriever(index_dir: str | Path, **options) -> Retriever:
     """
     from stepsearch.retrieval.index import read_index_meta
 
+    if Path(index_dir).is_file():  # a bare FAISS file: options must name its corpus
+        from stepsearch.retrieval.dense import DenseRetriever
+
+        return DenseRetriever(index_dir, **options)
     meta = read_index_meta(index_dir)
     if meta.kind == "bm25":
         from stepsearch.retrieval.bm25 import BM25Retriever

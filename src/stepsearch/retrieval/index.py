@@ -15,7 +15,10 @@ The build happens in a staging directory beside ``index_dir`` and is swapped in 
 failed or interrupted build never leaves a half index and never destroys the previous one.
 
 A directory holding a plain Lucene index without our metadata (e.g. a Pyserini prebuilt wiki
-index) is accepted as ``bm25``.
+index) is accepted as ``bm25``. Indexes built elsewhere can also be *attached* (``attach_index``,
+``index build --faiss-file``/``--lucene-dir``): an index folder whose metadata points at the
+external FAISS file + corpus JSONL or Lucene folder (absolute paths, nothing copied, nothing
+re-encoded), after the open-time checks have passed once.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from stepsearch.errors import DataError, RetrievalError
 from stepsearch.retrieval.corpus import SkippedLine, iter_corpus, write_corpus
+from stepsearch.retrieval.faiss_index import FaissSpec
 
 if TYPE_CHECKING:
     from stepsearch.retrieval.encoder import TextEncoder
@@ -43,10 +47,10 @@ SKIPPED_EXAMPLES = 5
 LUCENE_SUBDIR = "lucene"
 FORMAT_VERSION = 1
 INDEX_KINDS = ("bm25", "dense")
-DENSE_FAISS_KINDS = ("flat", "hnsw")
 # Files and folders an index build writes; a rebuild removes exactly these.
 # (the metadata goes last when installing, so a reader never sees it before the data)
-_ARTEFACTS = (LUCENE_SUBDIR, "faiss.index", "passages.jsonl", "passages.offsets.npy", META_FILE)
+_ARTEFACTS = (LUCENE_SUBDIR, "faiss.index", "passages.jsonl", "passages.offsets.npy", "corpus.offsets.npy",
+              "corpus.offsets.json", META_FILE)
 
 
 @dataclass
@@ -64,9 +68,13 @@ class IndexMeta:
     max_length: int | None = None
     dim: int | None = None
     faiss_index: str | None = None
+    faiss_params: dict = field(default_factory=dict)  # nlist, pq_m, ... and the FAISS class
     build_seconds: float | None = None
     format_version: int = FORMAT_VERSION
-    lucene_dir: str = LUCENE_SUBDIR  # relative to the index dir ("." for a plain Lucene index)
+    lucene_dir: str = LUCENE_SUBDIR  # relative to the index dir ("." for a plain Lucene index), or absolute
+    faiss_file: str | None = None  # relative to the index dir (default faiss.index), or absolute (attached)
+    docstore: str | None = None  # corpus JSONL of an attached FAISS index (row i = vector i)
+    pooling: str | None = None  # encoder pooling (mean, cls); None = mean
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -153,7 +161,7 @@ def build_index(
     show_progress: bool = True,
     query_prefix: str = "query: ",
     passage_prefix: str = "passage: ",
-    faiss_index: str = "flat",
+    faiss_index: str | FaissSpec = "flat",
     batch_size: int = 64,
     max_length: int = 256,
 ) -> Path:
@@ -163,12 +171,13 @@ def build_index(
     :class:`DataError` naming ``file:line``. An existing stepsearch index in ``index_dir`` is
     replaced; a non-empty directory that is not one is refused. ``encoder``/prefixes/``faiss_index``/
     ``batch_size``/``max_length`` only matter for ``dense`` (default encoder: the packaged MiniLM;
-    a loaded ``TextEncoder`` is used as is).
+    a loaded ``TextEncoder`` is used as is; ``faiss_index``: a type name of ``faiss_index.py`` or a
+    :class:`FaissSpec` with its parameters).
     """
     if kind not in INDEX_KINDS:
         raise RetrievalError(f"unknown index kind {kind!r}: use one of {', '.join(INDEX_KINDS)}")
-    if faiss_index not in DENSE_FAISS_KINDS:
-        raise RetrievalError(f"unknown FAISS index type {faiss_index!r}: use one of {', '.join(DENSE_FAISS_KINDS)}")
+    spec = faiss_index if isinstance(faiss_index, FaissSpec) else FaissSpec(type=faiss_index)
+    spec.check()
     if not isinstance(threads, int) or threads <= 0:
         raise RetrievalError(f"threads must be a positive integer, got {threads!r}")
     corpus, index_dir = Path(corpus), Path(index_dir)
@@ -197,19 +206,19 @@ def build_index(
             else:
                 from stepsearch.retrieval.dense import write_dense_index
 
-                meta.count, meta.dim, meta.encoder = write_dense_index(
+                meta.count, meta.dim, meta.encoder, meta.faiss_params = write_dense_index(
                     passages,
                     staging,
                     encoder=encoder,
                     passage_prefix=passage_prefix,
-                    faiss_index=faiss_index,
+                    faiss_index=spec,
                     batch_size=batch_size,
                     max_length=max_length,
                     threads=threads,
                     progress=progress,
                 )
                 meta.query_prefix, meta.passage_prefix = query_prefix, passage_prefix
-                meta.faiss_index, meta.max_length = faiss_index, max_length
+                meta.faiss_index, meta.max_length = spec.type, max_length
         meta.skipped = len(skipped)
         meta.skipped_examples = [str(bad) for bad in skipped[:SKIPPED_EXAMPLES]]
         meta.build_seconds = round(time.perf_counter() - started, 3)
@@ -239,3 +248,70 @@ def build_index_from_passages(
     meta.corpus = None  # the temporary file is gone
     (Path(built) / META_FILE).write_text(meta.to_json(), encoding="utf-8")
     return built
+
+
+def attach_index(
+    index_dir: str | Path,
+    *,
+    faiss_file: str | Path | None = None,
+    corpus: str | Path | None = None,
+    lucene_dir: str | Path | None = None,
+    encoder: str | None = None,
+    query_prefix: str = "query: ",
+    pooling: str = "mean",
+    max_length: int = 256,
+    show_progress: bool = True,
+) -> Path:
+    """Record an index built elsewhere in ``index_dir`` without copying or re-encoding it.
+
+    Dense: ``faiss_file`` (e.g. Search-R1's ``e5_Flat.index``) + ``corpus`` (``wiki-18.jsonl``, row
+    ``i`` = vector ``i``) + the ``encoder``/``query_prefix``/``pooling`` the vectors were made with.
+    BM25: ``lucene_dir`` (a Pyserini/Anserini index with stored contents or raw documents). The
+    open-time checks (vector count = corpus rows, dimension = encoder's, Lucene text stored) run
+    once here, so a bad pairing fails now with one line rather than at the first search.
+    """
+    index_dir = Path(index_dir)
+    if (faiss_file is None) == (lucene_dir is None):
+        raise RetrievalError("attach either a FAISS file (with its corpus JSONL) or a Lucene index folder")
+    if faiss_file is not None and corpus is None:
+        raise RetrievalError(f"the FAISS file {faiss_file} needs its corpus JSONL (--corpus): row i is vector i")
+    _check_target(index_dir)
+    index_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.attaching-", dir=index_dir.parent))
+    try:
+        if faiss_file is not None:
+            from stepsearch.retrieval.dense import DenseRetriever
+            from stepsearch.retrieval.docstore import corpus_row_starts
+
+            faiss_file, corpus = Path(faiss_file), Path(corpus)
+            if not faiss_file.is_file():
+                raise RetrievalError(f"FAISS index file not found: {faiss_file}")
+            with _progress(show_progress) as progress:
+                task = progress.add_task(f"indexing lines of {corpus.name}", total=corpus.stat().st_size if corpus.is_file() else 0)
+                corpus_row_starts(corpus, staging / "corpus.offsets.npy", lambda n: progress.advance(task, n))
+            if encoder is not None and Path(encoder).exists():
+                encoder = str(Path(encoder).resolve())
+            meta = IndexMeta(kind="dense", count=-1, corpus=str(corpus.resolve()), docstore=str(corpus.resolve()),
+                             faiss_file=str(faiss_file.resolve()), encoder=encoder, query_prefix=query_prefix,
+                             pooling=pooling, max_length=max_length)
+            (staging / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+            opened = DenseRetriever(staging, mmap=True)  # the checks; mmap: no need to load 64 GB for them
+            meta.count, meta.dim, meta.encoder = opened.num_docs, opened.encoder.dim, opened.encoder.name
+            meta.faiss_index, meta.faiss_params = "external", opened.describe_faiss()
+            opened.close()
+        else:
+            from stepsearch.retrieval.bm25 import BM25Retriever
+
+            lucene_dir = Path(lucene_dir).resolve()
+            if not _has_lucene_segments(lucene_dir):
+                raise RetrievalError(f"{lucene_dir} is not a Lucene index (no segments_* file)")
+            meta = IndexMeta(kind="bm25", count=-1, lucene_dir=str(lucene_dir))
+            (staging / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+            opened = BM25Retriever(staging, threads=1)  # the checks: opens, has documents, stores their text
+            meta.count = opened.num_docs
+            opened.close()
+        (staging / META_FILE).write_text(meta.to_json(), encoding="utf-8")
+        _install(staging, index_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index_dir
