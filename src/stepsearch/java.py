@@ -10,6 +10,9 @@ JVM to load; we drop that option (Lucene then falls back to scalar code, same re
 On Java >= 23 we also pass ``--sun-misc-unsafe-memory-access=allow``: Anserini 1.7's Lucene still
 calls ``sun.misc.Unsafe`` and JDK 24+ would otherwise print a four-line warning on every start.
 
+Signals: the JVM is started with ``-Xrs`` so that it leaves SIGINT/SIGTERM/SIGHUP to Python (Ctrl-C
+is a ``KeyboardInterrupt``, SIGTERM a checkpoint-and-stop in ``fit``), see ``stepsearch.runs``.
+
 ``pyserini.search``/``pyserini.encode`` build an OpenAI client at import time and openai >= 2 refuses
 an empty key; wrap such imports in :func:`pyserini_imports` (our own retrieval code avoids them by
 using Anserini's Java classes through ``pyserini.pyclass``, which is also ~6 s faster to import).
@@ -91,6 +94,10 @@ def ensure_java() -> Path:
                 _drop_vector_option()
             if version >= 23:
                 _add_jvm_option(_UNSAFE_OPTION)
+            # -Xrs: the JVM installs no handlers for SIGINT/SIGTERM/SIGHUP, so Ctrl-C reaches Python
+            # (KeyboardInterrupt) and SIGTERM/SIGUSR1 reach fit's preemption handler; without it the
+            # in-process JVM takes Ctrl-C and exits 130 with no message.
+            _add_jvm_option("-Xrs")
             return home
     raise JavaNotFoundError(
         f"Pyserini needs Java >= {MIN_JAVA} and none was found (tried: {'; '.join(tried) or 'nothing'}). "

@@ -169,6 +169,7 @@ class StepSearchPPO(pl.LightningModule):
 
         self.val_metrics = EvalAccumulator()
         self.history: dict[str, dict[str, float]] = {}
+        self.last_val_step: int | None = None  # the PPO iteration of the latest validation
         group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
         self.per_rank = {"batch_size": None, "mini_batch_size": self.ppo.mini_batch_size * group}  # set in setup
         self.skipped_steps = 0
@@ -302,11 +303,26 @@ class StepSearchPPO(pl.LightningModule):
         self.last_grad_norm = clip_or_skip(self, optimizer, self.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from stepsearch.runs import all_rng_states
+
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
+        # Exact continuation (stepsearch.runs): the iteration, every rank's RNG states, and the
+        # validation history (the before/after table still compares with step 0 after a resume).
+        checkpoint["ppo_iteration"] = int(self.trainer.global_step)
+        checkpoint["rng_states"] = all_rng_states(self.trainer)
+        checkpoint["val_history"] = {"history": self.history, "last_val_step": self.last_val_step}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_coef" in checkpoint:
             self.kl_controller.value = float(checkpoint["kl_coef"])
+        if "val_history" in checkpoint:
+            self.history = dict(checkpoint["val_history"]["history"])
+            self.last_val_step = checkpoint["val_history"]["last_val_step"]
+        states = checkpoint.get("rng_states") or []
+        if states:
+            from stepsearch.runs import set_rng_state
+
+            set_rng_state(states[self.global_rank] if len(states) == self.trainer.world_size else states[0])
 
     def _count_one_iteration(self, before: int) -> None:
         """Make Lightning's optimizer-step counter advance by exactly one per PPO iteration."""
@@ -319,15 +335,31 @@ class StepSearchPPO(pl.LightningModule):
     # ------------------------------------------------------------ evaluation
     def on_train_start(self) -> None:
         """Validation at step 0: after any warm-start, before the first PPO update."""
-        if self.trainer.global_step != 0 or self.trainer.datamodule is None or self.trainer.limit_val_batches == 0:
+        if self.trainer.global_step == 0:
+            self.validation_pass("step0")
+
+    def on_train_end(self) -> None:
+        self.final_validation()
+
+    def final_validation(self) -> None:
+        """A last validation at the final iteration, unless the schedule just ran one there (or a
+        signal stopped the run: the resumed run validates at its end). Also called by the run's
+        checkpoint callback before it saves the final checkpoint (``stepsearch.runs``)."""
+        if self.last_val_step != self.trainer.global_step and not getattr(self.trainer, "stepsearch_stopped", None):
+            self.validation_pass("last")
+
+    def validation_pass(self, key: str) -> None:
+        """Validate outside Lightning's schedule; log at the current PPO iteration as ``history[key]``."""
+        if self.trainer.datamodule is None or self.trainer.limit_val_batches == 0:
             return
         loader = self.trainer.datamodule.val_dataloader()
         metrics = self.evaluate_loader(loader, prefix="val")
         if not metrics:  # no validation data configured
             return
-        self.history["step0"] = metrics
+        self.history[key] = metrics
+        self.last_val_step = self.trainer.global_step
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=0)
+            logger.log_metrics(metrics, step=self.trainer.global_step)
 
     def evaluate_loader(self, loader, prefix: str) -> dict[str, float]:
         self.val_metrics.to(self.device).reset()
@@ -370,6 +402,8 @@ class StepSearchPPO(pl.LightningModule):
         # one less, because validation runs before its batch counter moves on.
         self.log_dict({**metrics, "step": float(self.trainer.global_step)}, sync_dist=False)
         self.history["last" if prefix == "val" else prefix] = metrics
+        if prefix == "val":
+            self.last_val_step = self.trainer.global_step
         if self.val_metrics.samples is not None:
             from stepsearch.tracking import log_trajectory_samples
 
@@ -384,8 +418,8 @@ class StepSearchPPO(pl.LightningModule):
         return prediction_rows(examples, *rollout_and_score(self.engine, examples, self.reward_config))
 
     def on_fit_end(self) -> None:
-        if self.global_rank != 0:
-            return
+        if self.global_rank != 0 or getattr(self.trainer, "stepsearch_stopped", None):
+            return  # stopped by a signal: nothing trained to the end to export or report yet
         out = self.policy_export_dir()
         self.actor_critic.save_policy(out)
         from stepsearch.tracking import log_policy_dir, report_before_after

@@ -19,6 +19,7 @@ gain is the RL's alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -292,26 +293,83 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     return summary
 
 
+# Rollout settings that shape a demonstration's tokens (sampling settings do not: it is scripted).
+DEMONSTRATION_ROLLOUT_FIELDS = ("template", "max_turns", "max_response_tokens", "max_observation_tokens",
+                                "max_context_tokens", "top_k", "use_chat_template")
+
+
+def tiny_fingerprint_settings(tiny: TinyModelSettings) -> dict:
+    """What makes the tiny model: its settings (not where it is written) and its corpus files' bytes."""
+    from dataclasses import asdict
+
+    from stepsearch.runs import file_digest
+
+    settings = {k: v for k, v in asdict(tiny).items() if k != "out_dir"}
+    settings["corpus_files"] = {str(f): file_digest(f) for f in tiny.corpus_files}
+    return settings
+
+
+def warm_start_fingerprint_settings(warm: WarmStartSettings, base: str, rollout_config, datamodule) -> dict:
+    """What makes the warm-start: its settings and data, the base model's fingerprint, the rollout
+    settings that shape demonstrations, and the retriever that fills their observations."""
+    import dataclasses
+
+    from stepsearch.runs import FINGERPRINT_FILE, file_digest
+
+    base_print = Path(base) / FINGERPRINT_FILE
+    settings = {k: v for k, v in dataclasses.asdict(warm).items() if k != "data"}
+    settings["data"] = {str(f): file_digest(f) for f in warm.data}
+    settings["base"] = json.loads(base_print.read_text())["fingerprint"] if base_print.exists() else str(base)
+    settings["rollout"] = {k: getattr(rollout_config, k, None) for k in DEMONSTRATION_ROLLOUT_FIELDS}
+    retriever = datamodule.resolved_retriever_config() if hasattr(datamodule, "resolved_retriever_config") else None
+    settings["retriever"] = dataclasses.asdict(retriever) if dataclasses.is_dataclass(retriever) else str(retriever)
+    return settings
+
+
 def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config, datamodule) -> None:
-    """Make the tiny model and warm-start it, each only if its output is missing (idempotent)."""
+    """Make the tiny model and warm-start it, each only if not made yet by the same settings.
+
+    A fingerprint of the settings that made each (``stepsearch_fingerprint.json``) is stored beside
+    it; a directory made by other settings is refused in one line naming them (never silently reused:
+    the run would record settings that did not make its policy). The global RNG states are left as
+    they were, so a run trains the same whether its bootstrap was made now or cached.
+    """
+    import torch
+
     from stepsearch.data.sources import load_examples
+    from stepsearch.errors import StepSearchError
+    from stepsearch.runs import check_fingerprint, write_fingerprint
 
-    if settings.tiny is not None and not (Path(settings.tiny.out_dir) / "config.json").exists():
-        from stepsearch.models.tiny import make_tiny_model
+    with torch.random.fork_rng(devices=[]), _python_rng_kept():
+        if settings.tiny is not None:
+            t = settings.tiny
+            tiny_settings = tiny_fingerprint_settings(t)
+            if not check_fingerprint(t.out_dir, tiny_settings, "tiny model", "model.bootstrap.tiny.out_dir"):
+                from stepsearch.models.tiny import make_tiny_model
 
-        t = settings.tiny
-        make_tiny_model(t.out_dir, list(t.corpus_files), vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                        num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                        intermediate_size=t.intermediate_size, seed=t.seed)
-    warm = settings.warm_start
-    if warm is not None and not (Path(policy_path) / "config.json").exists():
-        base = warm.base or (settings.tiny.out_dir if settings.tiny else None)
-        if base is None:
-            from stepsearch.errors import StepSearchError
+                make_tiny_model(t.out_dir, list(t.corpus_files), vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                                num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                                intermediate_size=t.intermediate_size, seed=t.seed)
+                write_fingerprint(t.out_dir, tiny_settings, "tiny model")
+        warm = settings.warm_start
+        if warm is not None:
+            base = warm.base or (settings.tiny.out_dir if settings.tiny else None)
+            if base is None:
+                raise StepSearchError("bootstrap.warm_start needs `base` (or bootstrap.tiny) to start from")
+            warm_settings = warm_start_fingerprint_settings(warm, base, rollout_config, datamodule)
+            if not check_fingerprint(policy_path, warm_settings, "warm-started policy", "model.model.name_or_path"):
+                examples = [ex for path in warm.data for ex in load_examples(path)]
+                run_warm_start(base, policy_path, examples, datamodule.retriever, rollout_config, warm)
+                write_fingerprint(policy_path, warm_settings, "warm-started policy")
 
-            raise StepSearchError("bootstrap.warm_start needs `base` (or bootstrap.tiny) to start from")
-        examples = [ex for path in warm.data for ex in load_examples(path)]
-        run_warm_start(base, policy_path, examples, datamodule.retriever, rollout_config, warm)
+
+@contextlib.contextmanager
+def _python_rng_kept():
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def configure_sft(parser: argparse.ArgumentParser) -> None:

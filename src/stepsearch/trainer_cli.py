@@ -1,53 +1,359 @@
-"""LightningCLI for ``fit``/``validate``/``test``/``predict``.
+"""LightningCLI for ``fit``/``validate``/``test``/``predict``, with runs that survive (``stepsearch.runs``).
 
 The module (``StepSearchPPO``) and the DataModule (``StepSearchDataModule``) signatures are the YAML
 schema (``python -m stepsearch fit --print_config`` shows it). Defaults: MLflow logger at
 ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``, no sanity validation (the module runs its own
 step-0 validation), resolved config logged to MLflow. Every Lightning flag applies, e.g.
 ``--trainer.strategy ddp|deepspeed --trainer.devices 8 --trainer.num_nodes 2`` (FSDP is refused: see README).
+
+Added flags: ``--seed S`` (every seed of the config, and ``{seed}`` in any path, become ``S``: one
+flag gives a separate, complete run), ``--run_dir`` (default ``{default_root_dir}/{config}-{algorithm}-seed{S}``),
+``--allow_config_change`` (resume although the config changed; recorded). ``fit --ckpt_path last``
+resumes the run directory's highest checkpoint into the same MLflow run. Flags are never
+abbreviated (``--trainer.max_step`` is an error, not ``max_steps``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from stepsearch.tracking import MLflowSaveConfigCallback, default_tracking_uri
+from stepsearch.errors import ConfigError, StepSearchError
+from stepsearch.tracking import MLflowSaveConfigCallback
+
+# Config keys that hold seeds: ``--seed S`` sets every one present (the world, the tiny model, the
+# warm-start, the data order, rollout sampling, and Lightning's global seed).
+SEED_KEYS = ("seed_everything", "model.seed", "data.seed", "data.world.seed", "model.bootstrap.tiny.seed",
+             "model.bootstrap.warm_start.seed")
+# Counts that must be at least the minimum (``None`` values are left alone); -1 is Lightning's "no
+# limit" for ``max_steps``/``devices``, handled in :func:`check_counts`.
+COUNT_MINIMUMS = {
+    "trainer.max_steps": 1, "trainer.devices": 1, "trainer.num_nodes": 1, "trainer.accumulate_grad_batches": 1,
+    "trainer.log_every_n_steps": 1, "trainer.val_check_interval": 1, "trainer.check_val_every_n_epoch": 1,
+    "trainer.max_epochs": 1, "model.ppo.ppo_epochs": 1, "model.ppo.mini_batch_size": 1,
+    "model.ppo.micro_batch_size": 1, "model.ppo.grpo_group_size": 1, "model.rollout.max_turns": 1,
+    "model.log_samples_every_n_steps": 0, "model.num_logged_samples": 0, "data.batch_size": 1,
+    "data.val_batch_size": 1, "data.max_train_examples": 1, "data.max_val_examples": 1,
+    "data.max_test_examples": 1, "data.num_workers": 0,
+}
+
+
+class SaveConfigCallback(MLflowSaveConfigCallback):
+    """On a resume, the config goes to ``config_resume{N}.yaml`` and params are not re-logged
+    (MLflow refuses changed params; the first process logged them)."""
+
+    resume_number: int = 0
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if not self.resume_number:
+            return super().save_config(trainer, pl_module, stage)
+        from stepsearch.runs import mlflow_run
+
+        client, run_id = mlflow_run(trainer.logger)
+        if client is not None:
+            client.log_text(run_id, self.parser.dump(self.config, skip_none=False), f"config_resume{self.resume_number}.yaml")
 
 
 class StepSearchCLI(LightningCLI):
-    """LightningCLI with StepSearch defaults."""
+    """LightningCLI with StepSearch defaults, run directories, resume and preemption."""
+
+    def __init__(self, *args, session, **kwargs):
+        self.session = session
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--seed", type=int | None, default=None,
+                            help="one seed for the whole run: sets every seed of the config and fills {seed} in paths")
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="the run's directory (run.json, checkpoints/); default "
+                                 "{trainer.default_root_dir}/{config}-{algorithm}-seed{S}")
+        parser.add_argument("--allow_config_change", type=bool, default=False,
+                            help="resume although the config differs from the run's record (the change is recorded)")
+
+    def _subconfig(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        seed = apply_seed(config)
+        if config.get("seed") is not None:
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, workers=True)
+        check_counts(config, self.subcommand)
+        self.session.seed = seed
+
+    def before_fit(self) -> None:
+        self.session.prepare_fit(self)
+
+    def after_fit(self) -> None:
+        self.session.exit_code = self.session.finish(self.trainer)
+
+
+def apply_seed(config) -> int:
+    """``--seed S``: set every seed key present to ``S``; fill ``{seed}`` in string values. Returns S
+    (``seed_everything`` when ``--seed`` is not given, 0 when that is not an integer)."""
+    seed = config.get("seed")
+    if seed is not None:
+        for key in SEED_KEYS:
+            if key in config and (key == "seed_everything" or config[key] is not None):
+                config[key] = seed
+    else:
+        seed = config.get("seed_everything")
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+    for key, value in list(config.items()):
+        if isinstance(value, str) and "{seed}" in value:
+            config[key] = value.replace("{seed}", str(seed))
+        elif isinstance(value, list) and any(isinstance(v, str) and "{seed}" in v for v in value):
+            config[key] = [v.replace("{seed}", str(seed)) if isinstance(v, str) else v for v in value]
+    return seed
+
+
+def check_counts(config, subcommand: str | None) -> None:
+    """One line for a zero or negative count (before Lightning or a dataclass sees it)."""
+    for key, minimum in COUNT_MINIMUMS.items():
+        value = config.get(key) if key in config else None
+        if not isinstance(value, int) or isinstance(value, bool) or value >= minimum:
+            continue
+        if value == -1 and key in ("trainer.devices", "trainer.max_epochs"):
+            continue  # Lightning's "all devices" / "no epoch limit"
+        if key == "trainer.max_steps":
+            if value == -1 and (subcommand != "fit" or (config.get("trainer.max_epochs") or 0) >= 1):
+                continue  # bounded by max_epochs
+            if value == -1:
+                raise ConfigError("trainer.max_steps is not set: fit needs the PPO iterations to run "
+                                  "(--trainer.max_steps N), or trainer.max_epochs")
+            raise ConfigError(f"trainer.max_steps must be >= 1 for fit (got {value}): the PPO iterations to run; "
+                              "0 would export the untrained policy as the trained one (`validate` evaluates it)")
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+class RunSession:
+    """What one ``fit`` process knows about its run: directory, resume, preemption, exit code."""
+
+    def __init__(self):
+        self.seed = 0
+        self.run_dir: Path | None = None
+        self.preemption = None
+        self.exit_code = 0
+        self.trainer = None
+
+    def prepare_fit(self, cli: StepSearchCLI) -> None:
+        self.trainer = cli.trainer
+        prepare_fit(self, cli)
+
+    def finish(self, trainer) -> int:
+        return self.preemption.after_fit(trainer) if self.preemption is not None else 0
+
+    def interrupted_line(self) -> str | None:
+        """The one line for Ctrl-C during ``fit`` (after marking the MLflow run KILLED), else ``None``."""
+        if self.preemption is None or not self.preemption.interrupted or self.trainer is None:
+            return None
+        from stepsearch.runs import find_last_checkpoint, mlflow_run
+
+        code = self.preemption.after_fit(self.trainer)
+        assert code == 130
+        _, run_id = mlflow_run(self.trainer.logger)
+        last = find_last_checkpoint(self.run_dir) if self.run_dir else None
+        return (f"interrupted (Ctrl-C) in PPO iteration {self.trainer.global_step}"
+                + (f"; MLflow run {run_id} marked KILLED" if run_id else "")
+                + (f"; resume from {last.name} with --ckpt_path last" if last else "; no checkpoint was written"))
 
 
 def trainer_defaults() -> dict:
     return {
         "logger": {
-            "class_path": "lightning.pytorch.loggers.MLFlowLogger",
-            "init_args": {"experiment_name": "stepsearch", "tracking_uri": default_tracking_uri()},
+            # the store: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db, resolved when the logger is made
+            "class_path": "stepsearch.tracking.MLFlowLogger",
+            "init_args": {"experiment_name": "stepsearch"},
         },
         "num_sanity_val_steps": 0,
         "log_every_n_steps": 1,
     }
 
 
-def run_lightning(argv: list[str]) -> StepSearchCLI:
+def run_lightning(argv: list[str]) -> StepSearchCLI | None:
+    import logging
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen reference policy is in eval mode on purpose; Lightning warns about any such module.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Ctrl-C is reported in one line of ours (below), not Lightning's "attempting graceful shutdown".
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "KeyboardInterrupt" not in record.getMessage())
     from stepsearch.data.datamodule import StepSearchDataModule
     from stepsearch.module import StepSearchPPO
 
-    return StepSearchCLI(
-        StepSearchPPO,
-        StepSearchDataModule,
-        args=None if argv == sys.argv[1:] else argv,
-        save_config_callback=MLflowSaveConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults=trainer_defaults(),
-        seed_everything_default=0,
-    )
+    session = RunSession()
+    try:
+        cli = StepSearchCLI(
+            StepSearchPPO,
+            StepSearchDataModule,
+            args=None if argv == sys.argv[1:] else argv,
+            save_config_callback=SaveConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults=trainer_defaults(),
+            seed_everything_default=0,
+            parser_kwargs={"allow_abbrev": False},
+            auto_configure_optimizers=False,  # the module builds its own two AdamWs: no --optimizer/--lr_scheduler
+            session=session,
+        )
+    except SystemExit:
+        line = session.interrupted_line()
+        if line is None:
+            raise
+        raise StepSearchInterrupted(line) from None
+    if session.exit_code:
+        raise SystemExit(session.exit_code)
+    return cli
+
+
+class StepSearchInterrupted(StepSearchError):
+    """Ctrl-C during ``fit``: printed as one line, exit 130."""
+
+    exit_code = 130
+
+
+# ------------------------------------------------------------------------------------- fit preparation
+
+def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
+    """Before ``trainer.fit``: the run directory, the resume (checkpoint, MLflow run, config check),
+    checkpoint names, the run record and the signal handlers."""
+    from stepsearch import runs
+
+    config, init, trainer = cli._subconfig(), cli.config_init[cli.subcommand], cli.trainer
+    flat = runs.flat_config(config)
+    ckpt_path = init.get("ckpt_path")
+    run_dir = _run_dir(config, session.seed, ckpt_path)
+    record = runs.read_record(run_dir)
+    resume = None
+    if ckpt_path is not None:
+        resume = _resume(run_dir, record, str(ckpt_path), flat, bool(config.get("allow_config_change")))
+        init["ckpt_path"] = str(resume["checkpoint"])
+    else:
+        last = runs.find_last_checkpoint(run_dir)
+        if last is not None:
+            raise StepSearchError(
+                f"{run_dir} already holds this run (checkpoints up to PPO iteration {runs.checkpoint_iteration(last)}): "
+                "resume it with --ckpt_path last, start another with --seed S or --run_dir DIR, or delete the directory")
+    session.run_dir = run_dir
+    checkpoint_dir = run_dir / runs.CHECKPOINT_DIR
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is None:
+            callback.dirpath = str(checkpoint_dir.resolve())
+        if callback.filename is None:  # the PPO iteration in the name, e.g. iter-000006.ckpt
+            callback.filename, callback.auto_insert_metric_name = runs.CHECKPOINT_NAME, False
+        runs.name_checkpoints_by_iteration(callback)
+    if resume is not None and (record.get("mlflow") or {}).get("run_id"):
+        _attach_mlflow_run(trainer, cli, record, len(record.get("resumes", [])) + 1)
+    for logger in trainer.loggers:
+        if not isinstance(logger.log_metrics, runs.LogOnce):
+            logger.log_metrics = runs.LogOnce(logger)
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    environment = trainer._accelerator_connector.cluster_environment
+    requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+    session.preemption = runs.PreemptionCallback(checkpoint_dir, requeue=requeue)
+    trainer.callbacks[:0] = [session.preemption, RunRecorder(run_dir, flat, resume)]
+    session.preemption.install()
+
+
+def _run_dir(config, seed: int, ckpt_path) -> Path:
+    from stepsearch import runs
+
+    if config.get("run_dir"):
+        return Path(config["run_dir"])
+    if ckpt_path not in (None, "last"):  # a checkpoint inside a run directory resumes that run
+        owner = Path(str(ckpt_path)).resolve().parent.parent
+        if (owner / runs.RUN_RECORD).exists():
+            return owner
+    root = Path(config.get("trainer.default_root_dir") or ".")
+    algorithm = config.get("model.ppo.algorithm") if "model.ppo.algorithm" in config else "steppo"
+    return root / runs.run_name(config.get("config"), algorithm or "steppo", seed)
+
+
+def _resume(run_dir: Path, record: dict | None, ckpt_path: str, flat: dict, allow_change: bool) -> dict:
+    """Which checkpoint to resume, and the config changes (refused unless allowed)."""
+    from stepsearch import runs
+
+    if ckpt_path == "last":
+        checkpoint = runs.find_last_checkpoint(run_dir)
+        if checkpoint is None:
+            raise StepSearchError(f"--ckpt_path last: no checkpoint in {run_dir / runs.CHECKPOINT_DIR} (this config and "
+                                  "seed have no run to resume); start without --ckpt_path, or pass --run_dir")
+    else:
+        checkpoint = Path(ckpt_path)
+        if not checkpoint.is_file():
+            raise StepSearchError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+    changes = runs.config_changes(record["config"], flat) if record else []
+    if changes and not allow_change:
+        raise StepSearchError(f"resume of {run_dir} with a changed config ({'; '.join(changes)}): "
+                              "pass --allow_config_change true if intended (it is recorded), or restore the settings")
+    return {"checkpoint": checkpoint.resolve(), "iteration": runs.checkpoint_iteration(checkpoint), "changes": changes}
+
+
+def _attach_mlflow_run(trainer, cli, record: dict, number: int) -> None:
+    """Log into the recorded MLflow run: no new run, no params re-logged (MLflow refuses changes)."""
+    logger = trainer.logger
+    run_id = record["mlflow"]["run_id"]
+    if type(logger).__name__ != "MLFlowLogger":
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(logger._tracking_uri).get_run(run_id)
+    except MlflowException:
+        raise StepSearchError(f"run.json names MLflow run {run_id}, which the store {logger._tracking_uri} does not "
+                              "hold: resume with the same trainer.logger settings") from None
+    from stepsearch.runs import LogOnce
+
+    logger._run_id = run_id
+    logger.log_hyperparams = lambda *args, **kwargs: None
+    if trainer.is_global_zero:
+        logger.log_metrics = LogOnce(logger, MlflowClient(logger._tracking_uri), run_id)
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            callback.resume_number = number
+
+
+class RunRecorder(Callback):
+    """At setup (rank 0): write ``run.json`` for a new run, or add the resume to it and set the
+    MLflow run back to RUNNING with tags ``resume_count``, ``resumed_from`` and the config changes."""
+
+    def __init__(self, run_dir: Path, flat: dict, resume: dict | None):
+        self.run_dir, self.flat, self.resume = Path(run_dir), flat, resume
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        import datetime
+
+        from stepsearch import runs
+
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        client, run_id = runs.mlflow_run(trainer.logger)
+        if self.resume is None:
+            mlflow = None
+            if client is not None:
+                mlflow = {"run_id": run_id, "tracking_uri": trainer.logger._tracking_uri,
+                          "experiment_id": client.get_run(run_id).info.experiment_id}
+                client.set_tag(run_id, "run_dir", str(self.run_dir.resolve()))
+            runs.write_record(self.run_dir, {"created": now, "mlflow": mlflow, "config": self.flat, "resumes": []})
+            return
+        record = runs.read_record(self.run_dir) or {"created": now, "mlflow": None, "config": self.flat, "resumes": []}
+        resumes = record.setdefault("resumes", [])
+        resumes.append({"time": now, "checkpoint": str(self.resume["checkpoint"]), "iteration": self.resume["iteration"],
+                        "config_changes": self.resume["changes"]})
+        record["config"] = self.flat  # the next resume compares with the settings now in force
+        runs.write_record(self.run_dir, record)
+        tags = {"resume_count": len(resumes), "resumed_from": self.resume["checkpoint"]}
+        if self.resume["changes"]:
+            tags[f"config_changes_resume{len(resumes)}"] = "; ".join(self.resume["changes"])
+        runs.mark_run(trainer.logger, "RUNNING", tags)

@@ -210,7 +210,9 @@ class StepSearchDataModule(pl.LightningDataModule):
                 f"no {split} examples: " + (f"{', '.join(files)} gave none" if files else f"set data.{split}" + (" or data.world" if split != "val" else ", data.val_fraction or data.world"))
             )
         generator = torch.Generator().manual_seed(self.seed) if train else None
-        return DataLoader(
+        from stepsearch.runs import ResumableDataLoader  # train: the data order survives a resume
+
+        return (ResumableDataLoader if train else DataLoader)(
             ExampleDataset(examples),
             batch_size=batch_size,
             shuffle=train,
