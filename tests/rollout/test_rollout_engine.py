@@ -99,19 +99,6 @@ def test_config_is_validated():
             RolloutConfig(**bad)
 
 
-def test_vllm_engine_says_what_is_missing(tiny, retriever):
-    from stepsearch.errors import StepSearchError
-    from stepsearch.rollout.engine import VLLMRolloutEngine
-
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        with pytest.raises(StepSearchError, match="needs vLLM"):
-            VLLMRolloutEngine(object(), tiny[1], retriever, CONFIG)
-    else:  # pragma: no cover - GPU machines
-        pytest.skip("vLLM is installed")
-
-
 def test_eos_ids_from_tokenizer_and_generation_config(tiny):
     from types import SimpleNamespace
 

@@ -1,4 +1,5 @@
-"""``StepSearchDataModule``: QA examples in, prompt batches out, and the retriever the rollouts use.
+"""``StepSearchDataModule``: QA examples in, prompt batches out, and the environment that turns them
+into rollouts (retriever, prompt template, rollout engine).
 
 Train/val/test come from any file :func:`~stepsearch.data.sources.read_examples` reads (one path
 or a list, concatenated), or from a generated world (``world:``): ``prepare_data`` writes it into
@@ -11,6 +12,15 @@ loaders never shuffle and never drop the last batch. ``val_fraction`` holds out 
 part of train as validation. The retriever is built lazily, once per process, on first use of
 :attr:`StepSearchDataModule.retriever` (so a JVM never crosses a process boundary); when it must
 build an index, ``prepare_data`` does it on the rank that prepares data.
+
+Rollouts (METHOD.md §1): the LightningModule hands its live policy over once per process
+(:meth:`StepSearchDataModule.attach_policy`, in its ``setup``); the DataModule then owns the engine
+``rollout.backend`` names (Hugging Face or vLLM, :func:`stepsearch.rollout.engine.build_engine`)
+over its retriever, and serves rollout batches through :meth:`~StepSearchDataModule.rollout` (and the
+engine itself as :attr:`~StepSearchDataModule.rollouts`). Never stale: loaders yield questions only,
+and a rollout is generated when the module asks for it inside ``training_step``, after the previous
+PPO update and the engine's weight sync (:meth:`~StepSearchDataModule.policy_updated`). Lightning's
+one-batch prefetch therefore prefetches questions, never trajectories.
 """
 
 from __future__ import annotations
@@ -118,6 +128,8 @@ class StepSearchDataModule(pl.LightningDataModule):
         self.val_examples: list[Example] = []
         self.test_examples: list[Example] = []
         self._retriever = None
+        self._engine = None
+        self._engine_key: tuple | None = None
         self._loaded: set[str] = set()
 
     # ------------------------------------------------------------------ world and files
@@ -210,7 +222,7 @@ class StepSearchDataModule(pl.LightningDataModule):
                 f"no {split} examples: " + (f"{', '.join(files)} gave none" if files else f"set data.{split}" + (" or data.world" if split != "val" else ", data.val_fraction or data.world"))
             )
         generator = torch.Generator().manual_seed(self.seed) if train else None
-        from stepsearch.runs import ResumableDataLoader  # train: the data order survives a resume
+        from stepsearch.continuation import ResumableDataLoader  # train: the data order survives a resume
 
         return (ResumableDataLoader if train else DataLoader)(
             ExampleDataset(examples),
@@ -260,8 +272,38 @@ class StepSearchDataModule(pl.LightningDataModule):
             self._retriever = build_retriever(config)
         return self._retriever
 
+    # ------------------------------------------------------------------ rollouts
+
+    def attach_policy(self, model, tokenizer, rollout, model_path: str | None = None) -> None:
+        """Build this process's rollout engine (``rollout.backend``) around the live policy ``model``.
+        Idempotent for the same policy and settings (a validate/test after fit keeps the engine)."""
+        key = (id(model), repr(rollout), model_path)
+        if self._engine is not None and self._engine_key == key:
+            return
+        from stepsearch.rollout.engine import build_engine
+
+        self._engine = build_engine(rollout, model, tokenizer, self.retriever, model_path=model_path)
+        self._engine_key = key
+
+    @property
+    def rollouts(self):
+        """The rollout engine (``generate(questions, greedy=, seed=) -> Trajectory``)."""
+        if self._engine is None:
+            raise StepSearchError("no rollout engine yet: the LightningModule attaches its policy in setup "
+                                  "(StepSearchDataModule.attach_policy)")
+        return self._engine
+
+    def rollout(self, examples: list[Example], *, greedy: bool = False, seed: int | None = None):
+        """A rollout batch (``Trajectory``) of ``examples``, generated now with the current policy."""
+        return self.rollouts.generate([ex.question for ex in examples], greedy=greedy, seed=seed)
+
+    def policy_updated(self) -> None:
+        """The policy changed (a PPO update): the engine re-syncs before its next rollout."""
+        if self._engine is not None:
+            self._engine.policy_updated()
+
     def __getstate__(self) -> dict:
-        # A retriever may hold a JVM or sockets: never pickle it (it is rebuilt lazily).
+        # A retriever may hold a JVM or sockets, an engine a model: never pickle them (rebuilt lazily).
         state = dict(self.__dict__)
-        state["_retriever"] = None
+        state["_retriever"], state["_engine"], state["_engine_key"] = None, None, None
         return state

@@ -25,10 +25,12 @@ TAIL_TOKENS = 16  # tokens decoded when checking for a multi-token stop tag
 
 @dataclass
 class TurnOutput:
-    """What one row generated in a turn and why it stopped ("eos", "tag" or "length")."""
+    """What one row generated in a turn and why it stopped ("eos", "tag" or "length"), and the
+    log-prob of each generated token under the rollout engine (``None`` when not computed)."""
 
     ids: list[int]
     stop: str
+    logprobs: list[float] | None = None
 
 
 class StopRule:
@@ -81,6 +83,12 @@ class StopRule:
     def _tail_has_tag(self, ids: list[int]) -> bool:
         tail = self.tokenizer.decode(ids[-TAIL_TOKENS:], skip_special_tokens=False)
         return any(tag in tail for tag in self.text_tags)
+
+
+def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` at ``tokens`` over the full vocabulary: the trainer's
+    definition of a token's log-prob (``training.score_batch``), whatever top-p kept."""
+    return (logits.float() / max(temperature, 1e-6)).log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
 def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
@@ -199,14 +207,21 @@ class DecodeSession:
         n_slots = len(keys)
         limits = dict(zip(keys, max_new))
         generated: dict = {key: [] for key in keys}
+        logprobs: dict = {key: [] for key in keys}
         results: dict = {}
         running = list(range(n_slots))  # slots still generating this turn
+        # Greedy log-probs are those of the raw logits (as vLLM reports them for greedy requests).
+        logprob_temperature = 1.0 if self.greedy else self.temperature
         while True:
-            tokens = sample_next(logits.index_select(0, torch.tensor(running, device=logits.device)),
-                                 self.greedy, self.temperature, self.top_p, self.generator)
-            token_list = tokens.tolist()  # one device sync per step
-            for slot, token in zip(running, token_list):
+            step_logits = logits.index_select(0, torch.tensor(running, device=logits.device))
+            tokens = sample_next(step_logits, self.greedy, self.temperature, self.top_p, self.generator)
+            step_logprobs = sampled_logprobs(step_logits, tokens, logprob_temperature)
+            # One device sync per step: ids (< 2**53) travel exactly as float64 beside the log-probs.
+            token_values, logprob_list = torch.stack([tokens.double(), step_logprobs.double()]).tolist()
+            token_list = [int(token) for token in token_values]
+            for slot, token, logprob in zip(running, token_list, logprob_list):
                 generated[self.keys[slot]].append(token)
+                logprobs[self.keys[slot]].append(logprob)
             reasons = self.stop_rule.classify(tokens, [generated[self.keys[slot]] for slot in running])
             still, fed_tokens, finished = [], [], []
             for slot, token, reason in zip(running, token_list, reasons):
@@ -216,7 +231,7 @@ class DecodeSession:
                     still.append(slot)
                     fed_tokens.append(token)
                 else:
-                    results[key] = TurnOutput(generated[key], reason)
+                    results[key] = TurnOutput(generated[key], reason, logprobs[key])
                     if reason == "eos":
                         finished.append(slot)
             if not still:

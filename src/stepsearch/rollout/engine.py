@@ -16,12 +16,23 @@ inserted by id (loss mask 0). Nothing is re-tokenized from decoded text. An EOS 
 ends the trajectory (recorded as an invalid action); Search-R1 instead dropped the EOS when it
 re-tokenized the text and went on. The context is capped at ``max_context_tokens``.
 
-Backends implement one method, ``_generate_turn`` (contexts in, generated ids out): the Hugging Face
-engine (batched KV-cache decoding, :mod:`stepsearch.rollout.decoding`) and a vLLM engine for GPUs.
+Backends implement ``_generate_turn`` (contexts in, generated ids and their log-probs out): the
+Hugging Face engine (batched KV-cache decoding, :mod:`stepsearch.rollout.decoding`) and the vLLM
+engine (:mod:`stepsearch.rollout.vllm_engine`, ``rollout.backend: vllm``), built by
+:func:`build_engine`.
+
+Turns that do not wait for each other (``rollout.independent_turns``, backends with continuous
+batching: vLLM): instead of the batch-synchronous loop above, every trajectory runs its own turn
+loop. A row whose turn ends with a search goes to a retrieval queue (:class:`RetrievalQueue`, a
+worker thread: all queries waiting when it frees up go to ONE ``retriever.search`` call) while the
+other rows keep decoding; the row's next turn is submitted as soon as its observation is in. The
+per-row state machine (``_take_turn``, ``_insert_environment``) is the same code in both loops and
+each row's sampling seed depends only on (seed, row, turn), so the two loops give the same rows.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -49,6 +60,12 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     seed: int | None = None  # default seed of generate(); None draws a fresh one
+    backend: str = "hf"  # "hf": the training model itself | "vllm": a colocated vLLM engine (README "vLLM")
+    independent_turns: bool = True  # per-row turn loops where the backend batches continuously (vllm)
+    vllm_memory_share: float = 0.1  # GPU: gpu_memory_utilization; CPU: share of RAM reserved for the KV cache
+    vllm_enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    vllm_sleep: bool = False  # GPU: free vLLM's weights and KV cache between rollouts (sleep/wake)
+    tis_cap: float | None = None  # truncated importance-sampling cap C (rollout.correction); None: off
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,11 +76,19 @@ class RolloutConfig:
             (self.top_k >= 1, "top_k must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
+            (0 < self.vllm_memory_share < 1, "vllm_memory_share must be in (0, 1)"),
+            (self.tis_cap is None or self.tis_cap >= 1, "tis_cap must be >= 1 (or null: off)"),
+            (self.tis_cap is None or self.top_p == 1, "tis_cap needs top_p = 1: with a nucleus, the engine's "
+             "log-probs are not the trainer's full-softmax ones and the weights would be biased"),
         ]
         for ok, message in checks:
             if not ok:
                 raise StepSearchError(f"rollout config: {message}")
         tpl.get_template(self.template)
+
+
+BACKENDS = ("hf", "vllm")
 
 
 @runtime_checkable
@@ -76,11 +101,11 @@ class RolloutEngine(Protocol):
 @dataclass
 class _Row:
     """One trajectory under construction: the prompt ids and the response pieces, each a list of ids
-    with a flag saying whether the policy generated it."""
+    with a flag saying whether the policy generated it and the engine's log-probs of policy ids."""
 
     prompt_text: str
     prompt_ids: list[int]
-    pieces: list[tuple[list[int], bool]] = field(default_factory=list)
+    pieces: list[tuple[list[int], bool, list[float] | None]] = field(default_factory=list)
     length: int = 0
     record: TrajectoryRecord | None = None
     done: bool = False
@@ -91,14 +116,14 @@ class _Row:
 
     def context(self) -> list[int]:
         ids = list(self.prompt_ids)
-        for piece, _ in self.pieces:
+        for piece, _, _ in self.pieces:
             ids.extend(piece)
         return ids
 
-    def add(self, ids: list[int], policy: bool) -> int:
+    def add(self, ids: list[int], policy: bool, logprobs: list[float] | None = None) -> int:
         """Append a piece; return the row index of its first token."""
         start = self.length
-        self.pieces.append((list(ids), policy))
+        self.pieces.append((list(ids), policy, logprobs))
         self.length += len(ids)
         return start
 
@@ -130,46 +155,132 @@ class TurnLoopEngine:
     def _end(self) -> None:
         pass
 
-    # --- the turn loop ---------------------------------------------------------------------------
+    # Continuous batching (``independent_turns``): backends that set this implement ``_submit`` (start
+    # one row's turn) and ``_poll`` (advance decoding by one step, return the turns that ended).
+    independent_turns_supported = False
+
+    def _submit(self, key: int, context: list[int], max_new: int, greedy: bool) -> None:
+        raise NotImplementedError
+
+    def _poll(self) -> list[tuple[int, TurnOutput]]:
+        raise NotImplementedError
+
+    def policy_updated(self) -> None:
+        """Called after every PPO update of the policy this engine generates with. The Hugging Face
+        engine generates with the live module (nothing to do); vLLM re-syncs its weights."""
+
+    # --- the turn loops --------------------------------------------------------------------------
     def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None) -> Trajectory:
         cfg = self.config
         seed = cfg.seed if seed is None else seed
         rows = [self._new_row(q) for q in questions]
-        timing = {"generation_s": 0.0, "retrieval_s": 0.0, "tokens_generated": 0.0, "turns": 0.0,
-                  "retrieval_calls": 0.0}
+        timing = {"generation_s": 0.0, "retrieval_s": 0.0, "retrieval_wait_s": 0.0, "tokens_generated": 0.0,
+                  "turns": 0.0, "retrieval_calls": 0.0}
+        start = time.perf_counter()
         generator = self._begin(seed, greedy)
         try:
-            for turn in range(cfg.max_turns + 1):
-                final = turn == cfg.max_turns
-                keys = [b for b, row in enumerate(rows) if not row.done and self._room(row, truncate=True) > 0]
-                if not keys:
-                    break
-                active = [rows[b] for b in keys]
-                timing["turns"] += 1
-                limits = [min(cfg.max_response_tokens, self._room(row)) for row in active]
-                start = time.perf_counter()
-                outputs = self._generate_turn(keys, [row.context() for row in active], limits, greedy, generator)
-                timing["generation_s"] += time.perf_counter() - start
-                for row, out in zip(active, outputs):
-                    timing["tokens_generated"] += len(out.ids)
-                    self._take_turn(row, out, final)
-                searching = [row for row in active if row.pending and row.pending[0] == "search"]
-                results = self._retrieve([row.pending[1] for row in searching], timing)
-                for row, passages in zip(searching, results):
-                    row.record.steps.append(SearchStep(
-                        query=row.pending[1], passage_ids=[p.id for p in passages],
-                        passage_titles=[p.title for p in passages], passage_texts=[p.text for p in passages],
-                        end_index=row.pending[2], turn=turn,
-                    ))
-                    row.passages = passages
-                for row in active:
-                    if row.pending and not row.done:
-                        self._insert_environment(row, turn)
-                    row.pending, row.passages = None, None
+            if cfg.independent_turns and self.independent_turns_supported:
+                self._run_independent_turns(rows, greedy, timing)
+            else:
+                self._run_synchronous_turns(rows, greedy, generator, timing)
         finally:
             self._end()
+        timing["wall_s"] = time.perf_counter() - start
         timing["tokens_per_s"] = timing["tokens_generated"] / max(timing["generation_s"], 1e-9)
         return self._collate(rows, timing)
+
+    def _run_synchronous_turns(self, rows: list[_Row], greedy: bool, generator, timing: dict) -> None:
+        """Every active row takes turn t together; one retrieval call per turn (module docstring)."""
+        cfg = self.config
+        for turn in range(cfg.max_turns + 1):
+            final = turn == cfg.max_turns
+            keys = [b for b, row in enumerate(rows) if not row.done and self._room(row, truncate=True) > 0]
+            if not keys:
+                break
+            active = [rows[b] for b in keys]
+            timing["turns"] += 1
+            limits = [min(cfg.max_response_tokens, self._room(row)) for row in active]
+            start = time.perf_counter()
+            outputs = self._generate_turn(keys, [row.context() for row in active], limits, greedy, generator)
+            timing["generation_s"] += time.perf_counter() - start
+            for row, out in zip(active, outputs):
+                timing["tokens_generated"] += len(out.ids)
+                self._take_turn(row, out, final)
+            searching = [row for row in active if row.pending and row.pending[0] == "search"]
+            waited = time.perf_counter()
+            results = self._retrieve([row.pending[1] for row in searching], timing)
+            timing["retrieval_wait_s"] += time.perf_counter() - waited
+            for row, passages in zip(searching, results):
+                self._record_search(row, passages, turn)
+            for row in active:
+                self._finish_turn(row, turn)
+
+    def _run_independent_turns(self, rows: list[_Row], greedy: bool, timing: dict) -> None:
+        """Each row its own turn loop; searches go to the retrieval queue while other rows decode."""
+        cfg = self.config
+        queue = self._retrieval_queue()
+        decoding, searching = 0, 0
+
+        def start_turn(key: int) -> None:
+            nonlocal decoding
+            row = rows[key]
+            if row.done or row.record.num_turns > cfg.max_turns or self._room(row, truncate=True) <= 0:
+                return
+            self._submit(key, row.context(), min(cfg.max_response_tokens, self._room(row)), greedy)
+            decoding += 1
+
+        for key in range(len(rows)):
+            start_turn(key)
+        while decoding or searching:
+            ended: list[tuple[int, TurnOutput]] = []
+            if decoding:
+                started = time.perf_counter()
+                ended = self._poll()
+                timing["generation_s"] += time.perf_counter() - started
+                found = queue.take(block=False)
+            else:  # nothing to decode: wait for the retriever
+                started = time.perf_counter()
+                found = queue.take(block=True)
+                timing["retrieval_wait_s"] += time.perf_counter() - started
+            for key, out in ended:
+                decoding -= 1
+                row, turn = rows[key], rows[key].record.num_turns
+                timing["tokens_generated"] += len(out.ids)
+                self._take_turn(row, out, final=turn == cfg.max_turns)
+                if row.pending and row.pending[0] == "search":
+                    queue.put(key, row.pending[1])
+                    searching += 1
+                else:
+                    self._finish_turn(row, turn)
+                    start_turn(key)
+            for key, passages in found:
+                searching -= 1
+                row = rows[key]
+                turn = row.record.num_turns - 1
+                self._record_search(row, passages, turn)
+                self._finish_turn(row, turn)
+                start_turn(key)
+        timing["turns"] = float(max((row.record.num_turns for row in rows), default=0))
+        timing["retrieval_s"], timing["retrieval_calls"] = queue.busy_s, float(queue.calls)
+
+    def _retrieval_queue(self) -> "RetrievalQueue":
+        if getattr(self, "_queue", None) is None:
+            self._queue = RetrievalQueue(self.retriever, self.config.top_k)
+        self._queue.reset_counters()
+        return self._queue
+
+    def _record_search(self, row: _Row, passages: list[Passage], turn: int) -> None:
+        row.record.steps.append(SearchStep(
+            query=row.pending[1], passage_ids=[p.id for p in passages],
+            passage_titles=[p.title for p in passages], passage_texts=[p.text for p in passages],
+            end_index=row.pending[2], turn=turn,
+        ))
+        row.passages = passages
+
+    def _finish_turn(self, row: _Row, turn: int) -> None:
+        if row.pending and not row.done:
+            self._insert_environment(row, turn)
+        row.pending, row.passages = None, None
 
     def _new_row(self, question: str) -> _Row:
         cfg = self.config
@@ -191,7 +302,7 @@ class TurnLoopEngine:
         """Record the policy's turn and decide what the environment does next (``row.pending``)."""
         record = row.record
         record.num_turns += 1
-        start = row.add(out.ids, policy=True)
+        start = row.add(out.ids, policy=True, logprobs=out.logprobs)
         action = tpl.parse_action(self._decode(out.ids), self.config.template)
         if action.kind == "answer":
             row.done, record.finished = True, True
@@ -229,11 +340,9 @@ class TurnLoopEngine:
         if not queries:
             return []
         start = time.perf_counter()
-        results = self.retriever.search(queries, self.config.top_k)
+        results = search_checked(self.retriever, queries, self.config.top_k)
         timing["retrieval_s"] += time.perf_counter() - start
         timing["retrieval_calls"] += 1
-        if len(results) != len(queries):
-            raise StepSearchError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
         return results
 
     def _insert_environment(self, row: _Row, turn: int) -> None:
@@ -268,15 +377,21 @@ class TurnLoopEngine:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+        complete = True  # every policy token has an engine log-prob
         for b, row in enumerate(rows):
             position = len(row.prompt_ids)
             input_ids[b, :position] = torch.tensor(row.prompt_ids, dtype=torch.long)
             response: list[int] = []
             policy_ids: list[int] = []
-            for piece, policy in row.pieces:
+            for piece, policy, piece_logprobs in row.pieces:
                 if piece:
                     input_ids[b, position:position + len(piece)] = torch.tensor(piece, dtype=torch.long)
                     loss_mask[b, position:position + len(piece)] = int(policy)
+                    if policy and piece_logprobs is not None and len(piece_logprobs) == len(piece):
+                        logprobs[b, position:position + len(piece)] = torch.tensor(piece_logprobs)
+                    elif policy:
+                        complete = False
                 position += len(piece)
                 response.extend(piece)
                 policy_ids.extend(piece if policy else [])
@@ -285,7 +400,8 @@ class TurnLoopEngine:
             # The answer comes from the policy's own text: retrieved passages may contain anything.
             row.record.answer = tpl.extract_answer(self._decode(policy_ids, skip_special=True))
         prompt_lengths = torch.tensor([len(row.prompt_ids) for row in rows], dtype=torch.long)
-        return Trajectory(input_ids, attention, loss_mask, prompt_lengths, [r.record for r in rows], timing)
+        return Trajectory(input_ids, attention, loss_mask, prompt_lengths, [r.record for r in rows], timing,
+                          rollout_logprobs=logprobs if complete else None)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -348,50 +464,80 @@ class HFRolloutEngine(TurnLoopEngine):
             return self._session.run_turn(keys, contexts, max_new)
 
 
-class VLLMRolloutEngine(TurnLoopEngine):
-    """The turn loop on a vLLM ``LLM`` (GPU): each turn is one ``LLM.generate`` call over token-id
-    prompts, stopping at ``</search>``/``</answer>`` (kept in the output) or EOS.
+def search_checked(retriever: Retriever, queries: list[str], top_k: int) -> list[list[Passage]]:
+    results = retriever.search(queries, top_k)
+    if len(results) != len(queries):
+        raise StepSearchError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
+    return results
 
-    After a PPO update, push the new weights with :meth:`load_weights`.
+
+class RetrievalQueue:
+    """Searches on one worker thread: every query waiting when the worker frees up goes into ONE
+    ``retriever.search`` call, so rows whose searches coincide are still batched. Retrievers are
+    thread-safe (Pyserini calls hold the JVM lock; dense and HTTP retrievers share nothing mutable)."""
+
+    def __init__(self, retriever: Retriever, top_k: int):
+        self.retriever, self.top_k = retriever, top_k
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, str]] = []
+        self._found: list[tuple[int, list[Passage]]] = []
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.calls, self.busy_s = 0, 0.0
+
+    def reset_counters(self) -> None:
+        self.calls, self.busy_s = 0, 0.0
+
+    def put(self, key: int, query: str) -> None:
+        with self._cond:
+            self._waiting.append((key, query))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="stepsearch-retrieval", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def take(self, block: bool) -> list[tuple[int, list[Passage]]]:
+        """The searches finished so far (``block``: wait for at least one)."""
+        with self._cond:
+            while block and not self._found and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            found, self._found = self._found, []
+            return found
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    self._cond.wait()
+                batch, self._waiting = self._waiting, []
+            start = time.perf_counter()
+            try:
+                results = search_checked(self.retriever, [query for _, query in batch], self.top_k)
+            except BaseException as error:  # handed to the generating thread, raised there
+                with self._cond:
+                    self._error = error
+                    self._cond.notify_all()
+                continue
+            with self._cond:
+                self.calls += 1
+                self.busy_s += time.perf_counter() - start
+                self._found.extend((key, passages) for (key, _), passages in zip(batch, results))
+                self._cond.notify_all()
+
+
+def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, *,
+                 model_path: str | None = None) -> TurnLoopEngine:
+    """The rollout engine ``config.backend`` names, generating with ``model`` (the live policy).
+
+    ``vllm`` loads ``model_path`` (the policy's Hugging Face directory, for the architecture) into a
+    colocated vLLM engine and syncs ``model``'s weights into it before its first rollout and after
+    every :meth:`TurnLoopEngine.policy_updated`.
     """
+    if config.backend == "vllm":
+        from stepsearch.rollout.vllm_engine import VLLMRolloutEngine
 
-    def __init__(self, llm, tokenizer, retriever: Retriever, config: RolloutConfig | None = None):
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise StepSearchError(
-                "the vLLM rollout engine needs vLLM (a CUDA machine and `pip install vllm`); "
-                "use the Hugging Face engine (HFRolloutEngine) otherwise"
-            ) from None
-        super().__init__(tokenizer, retriever, config)
-        self.llm = llm
-
-    def load_weights(self, model) -> None:
-        """Copy a Hugging Face model's weights into the vLLM engine (same architecture)."""
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        runner.model.load_weights(model.state_dict().items())
-
-    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        cfg = self.config
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        params = [
-            SamplingParams(
-                max_tokens=limit, temperature=0.0 if greedy else cfg.temperature,
-                top_p=1.0 if greedy else cfg.top_p, seed=seed + i, stop=list(tpl.STOP_TAGS),
-                include_stop_str_in_output=True,
-            )
-            for i, limit in enumerate(max_new)
-        ]
-        prompts = [TokensPrompt(prompt_token_ids=ctx) for ctx in contexts]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for out in outputs:
-            completion = out.outputs[0]
-            reason = {"stop": "tag", "length": "length"}.get(completion.finish_reason, "eos")
-            if completion.finish_reason == "stop" and completion.stop_reason is None:
-                reason = "eos"
-            results.append(TurnOutput(list(completion.token_ids), reason))
-        return results
+        return VLLMRolloutEngine.from_policy(model, tokenizer, retriever, config, model_path=model_path)
+    return HFRolloutEngine(model, tokenizer, retriever, config)

@@ -9,6 +9,12 @@ from token ids at concatenation time by the engine (never by re-tokenizing text)
   warnings and the newlines around them, and padding).
 
 Token positions in :class:`SearchStep` and ``last_token_index`` index into those rows.
+
+``rollout_logprobs[b, i]`` (optional, float32) is the rollout engine's log-prob of token ``i`` given
+the tokens before it, ``log softmax(logits / temperature)`` over the full vocabulary (the trainer's
+definition), on policy tokens only (0 elsewhere). The trainer recomputes these log-probs anyway; the
+engine's copy serves the truncated importance-sampling correction (``rollout.correction``), which
+reweights tokens where the two engines disagree (vLLM kernels vs. the training forward).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Trajectory:
     prompt_lengths: torch.Tensor  # [B] long
     records: list[TrajectoryRecord]
     timing: dict[str, float] = field(default_factory=dict)  # generation_s, retrieval_s, tokens_generated, ...
+    rollout_logprobs: torch.Tensor | None = None  # [B, L] float32, the engine's log-probs on policy tokens
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -77,4 +84,5 @@ class Trajectory:
             prompt_lengths=self.prompt_lengths.to(device),
             records=self.records,
             timing=dict(self.timing),
+            rollout_logprobs=None if self.rollout_logprobs is None else self.rollout_logprobs.to(device),
         )
