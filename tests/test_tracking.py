@@ -188,6 +188,20 @@ def test_lightning_hyperparameters_are_not_logged_twice(tmp_path):
     assert mlflow.MlflowClient(logger._tracking_uri).get_run(logger.run_id).data.params == {}
 
 
+def test_policy_settings_from_its_run_without_a_card(tmp_path, monkeypatch):
+    from stepsearch.suite import policy_rollout
+    from stepsearch.tracking import MLFlowLogger, log_effective_config
+
+    logger = MLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    log_effective_config(logger.experiment, logger.run_id, {"model.rollout.template": "compact",
+                                                            "model.rollout.max_turns": 4, "model.rollout.seed": None})
+    (tmp_path / "policy").mkdir()
+    logger.experiment.set_tag(logger.run_id, "policy_dir", str((tmp_path / "policy").resolve()))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logger._tracking_uri)
+    config, card = policy_rollout(str(tmp_path / "policy"), {})
+    assert (config.template, config.max_turns, config.seed) == ("compact", 4, None) and card["run_id"] == logger.run_id
+
+
 def test_policy_card_and_curves(tmp_path):
     import mlflow
 

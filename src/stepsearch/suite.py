@@ -131,13 +131,40 @@ def policy_rollout(model_path: str, overrides: dict):
     from stepsearch.rollout.engine import RolloutConfig
 
     card_path = Path(model_path) / POLICY_CARD
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    card = json.loads(card_path.read_text()) if card_path.is_file() else _card_from_run(model_path)
     known = {f.name for f in fields(RolloutConfig)}
     settings = {k: v for k, v in (card.get("rollout") or {}).items() if k in known}
     bad = sorted(set(overrides) - known)
     if bad:
         raise StepSearchError(f"rollout override(s) {', '.join(bad)} unknown; known: {', '.join(sorted(known))}")
     return RolloutConfig(**{**settings, **overrides}), card
+
+
+def _card_from_run(model_path: str) -> dict:
+    """Without a card: the rollout params of the MLflow run whose tag ``policy_dir`` is this directory."""
+    if not Path(model_path).is_dir():
+        return {}
+    import mlflow
+
+    from stepsearch.tracking import default_tracking_uri
+
+    uri = default_tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    path = str(Path(model_path).resolve()).replace("'", "\\'")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.policy_dir = '{path}'", max_results=1) if ids else []
+    if not runs:
+        return {}
+    prefix = "model.rollout."
+    rollout = {k[len(prefix):]: yaml_value(v) for k, v in runs[0].data.params.items() if k.startswith(prefix)}
+    return {"rollout": rollout, "run_id": runs[0].info.run_id, "tracking_uri": uri}
+
+
+def yaml_value(text: str):
+    """A logged param back to its value (params are strings: ``'5'``, ``'0.6'``, ``'None'``, ``'compact'``)."""
+    import yaml
+
+    return None if text == "None" else yaml.safe_load(text)
 
 
 def build_suite_retriever(suite: Suite):
