@@ -160,7 +160,6 @@ class StepSearchPPO(pl.LightningModule):
         self.seed = seed
         self.save_hyperparameters()
         self.actor_critic: ActorCritic | None = None
-        self.engine = None
         self.kl_controller = (
             core.AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
             if self.ppo.adaptive_kl else core.FixedKLController(self.ppo.kl_coef)
@@ -203,11 +202,10 @@ class StepSearchPPO(pl.LightningModule):
 
         self.per_rank = check_strategy_and_sizes(self, stage)
         self.configure_model()
-        from stepsearch.rollout.engine import HFRolloutEngine
-
-        retriever = self.trainer.datamodule.retriever
-        self.engine = HFRolloutEngine(self.actor_critic.generation_model(), self.actor_critic.tokenizer,
-                                      retriever, self.rollout_config)
+        # The DataModule owns the environment and its rollout engine (rollout.backend); it generates
+        # with this live policy (vLLM: synced after every update, see policy_updated below).
+        self.trainer.datamodule.attach_policy(self.actor_critic.generation_model(), self.actor_critic.tokenizer,
+                                              self.rollout_config, model_path=self.model_settings.name_or_path)
 
     def configure_optimizers(self):
         opts, scheds = [], []
@@ -233,13 +231,14 @@ class StepSearchPPO(pl.LightningModule):
         if self.ppo.algorithm == "grpo":
             examples = [ex for ex in examples for _ in range(self.ppo.grpo_group_size)]
         t0 = time.perf_counter()
-        trajectory = self.engine.generate([ex.question for ex in examples], greedy=False,
-                                          seed=self.seed + 1000 * iteration + self.global_rank)
+        trajectory = self.trainer.datamodule.rollout(examples, greedy=False,
+                                                     seed=self.seed + 1000 * iteration + self.global_rank)
         t1 = time.perf_counter()
         scores = score_trajectories(trajectory.records, examples, self.reward_config)
         placed = place_rewards(scores, trajectory, self.reward_config)
         t2 = time.perf_counter()
         stats = self.ppo_update(trajectory.to(self.device), placed.to(self.device), len(batch))
+        self.trainer.datamodule.policy_updated()  # the next rollout uses (vLLM: syncs) the updated weights
         t3 = time.perf_counter()
 
         from stepsearch.sharding import global_means
@@ -277,6 +276,11 @@ class StepSearchPPO(pl.LightningModule):
         # Global prompt ids under the sampler's strided layout (local prompt j of rank r is j·W + r).
         prompts = torch.arange(num_prompts, device=self.device) * comm.world_size + comm.rank
         batch = RolloutBatch.from_trajectory(trajectory, placed, prompts.repeat_interleave(group))
+        if self.rollout_config.tis_cap is not None:  # truncated IS vs the rollout engine (rollout.correction)
+            if trajectory.rollout_logprobs is None:
+                raise StepSearchError("model.rollout.tis_cap needs the rollout engine's log-probs, which this engine "
+                                      "did not return")
+            batch.extras.update(rollout_logp=trajectory.rollout_logprobs[:, 1:], tis_cap=self.rollout_config.tis_cap)
         cfg = replace(self.ppo, mini_batch_size=self.per_rank["mini_batch_size"])
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -371,7 +375,7 @@ class StepSearchPPO(pl.LightningModule):
         from stepsearch.evaluation import rollout_and_score  # the one evaluation path (evaluate, predict)
 
         examples = list(batch)
-        trajectory, scores = rollout_and_score(self.engine, examples, self.reward_config)
+        trajectory, scores = rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config)
         self.val_metrics.update(examples, trajectory, scores)
         if self.val_metrics.samples is None:
             self.val_metrics.samples = (trajectory, scores, examples)
@@ -415,7 +419,7 @@ class StepSearchPPO(pl.LightningModule):
         from stepsearch.evaluation import prediction_rows, rollout_and_score
 
         examples = list(batch)
-        return prediction_rows(examples, *rollout_and_score(self.engine, examples, self.reward_config))
+        return prediction_rows(examples, *rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config))
 
     def on_fit_end(self) -> None:
         if self.global_rank != 0 or getattr(self.trainer, "stepsearch_stopped", None):

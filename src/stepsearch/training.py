@@ -283,6 +283,10 @@ def ppo_iteration(actor_critic, batch: RolloutBatch, cfg, optimizers, params, co
     score_rollouts(actor_critic, batch, cfg.micro_batch_size, need_values=not grpo, temperature=temperature,
                    released_gae=cfg.released_gae)
     stats = compute_advantages(batch, cfg, beta, comm)
+    if "rollout_logp" in batch.extras:  # truncated importance sampling, rollout.tis_cap (rollout.correction)
+        from stepsearch.rollout.correction import apply_truncated_is
+
+        stats.update(apply_truncated_is(batch, comm.reduce_sum))
     schedule = minibatch_schedule(len(batch), cfg.mini_batch_size, cfg.ppo_epochs, generator)
     actor_opt, critic_opt = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
     actor_stats = actor_update(actor_critic, batch, schedule, cfg, actor_opt, params[0], comm, temperature)

@@ -161,7 +161,8 @@ def test_independent_turns_equal_the_synchronous_loop(vllm_env, vllm_llm, policy
 
 
 def test_fit_with_the_vllm_backend(vllm_env, tmp_path):
-    """Two PPO iterations with rollouts from vLLM: same logged metric names as the HF backend."""
+    """Two PPO iterations with rollouts from vLLM: same logged metric names as the HF backend (plus
+    the truncated importance-sampling statistics, switched on for the vLLM run)."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
     from training_fixtures import make_module
@@ -172,7 +173,9 @@ def test_fit_with_the_vllm_backend(vllm_env, tmp_path):
     names = {}
     for backend in ("hf", "vllm"):
         env = type("Env", (), {"sft_dir": vllm_env["sft_dir"]})
-        module = make_module(env, rollout=vllm_rollout_config(backend=backend), log_samples_every_n_steps=0)
+        tis_cap = 2.0 if backend == "vllm" else None
+        module = make_module(env, rollout=vllm_rollout_config(backend=backend, tis_cap=tis_cap),
+                             log_samples_every_n_steps=0)
         data = StepSearchDataModule(train=str(vllm_env["paths"]["train"]), val=str(vllm_env["paths"]["val"]),
                                     retriever=RetrieverConfig(kind="bm25", index=str(vllm_env["index_dir"])),
                                     batch_size=4, val_batch_size=8, max_val_examples=8, seed=0)
@@ -186,5 +189,9 @@ def test_fit_with_the_vllm_backend(vllm_env, tmp_path):
         names[backend] = set(trainer.logged_metrics)
         if backend == "vllm":
             assert data.rollouts.syncs >= 2  # before the first rollout, and after each PPO update that preceded one
-    assert names["hf"] == names["vllm"]
+            # vLLM and the trainer agree to float32 noise: the weights are ~1 and none is truncated.
+            assert abs(float(trainer.logged_metrics["train/tis_weight_mean"]) - 1.0) < 1e-3
+            assert float(trainer.logged_metrics["train/tis_truncated_frac"]) == 0.0
+    assert names["vllm"] - names["hf"] == {"train/tis_weight_mean", "train/tis_truncated_frac"}
+    assert names["hf"] <= names["vllm"]
     assert "train/reward" in names["vllm"] and any(name.startswith("val/") for name in names["vllm"])

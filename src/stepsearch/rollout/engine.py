@@ -32,7 +32,6 @@ each row's sampling seed depends only on (seed, row, turn), so the two loops giv
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -43,6 +42,7 @@ from stepsearch.errors import StepSearchError
 from stepsearch.retrieval.base import Passage, Retriever
 from stepsearch.rollout import template as tpl
 from stepsearch.rollout.decoding import DecodeSession, ForwardAdapter, StopRule, TurnOutput
+from stepsearch.rollout.retrieval_queue import RetrievalQueue, search_checked
 from stepsearch.rollout.trajectory import SearchStep, Trajectory, TrajectoryRecord
 
 
@@ -263,7 +263,7 @@ class TurnLoopEngine:
         timing["turns"] = float(max((row.record.num_turns for row in rows), default=0))
         timing["retrieval_s"], timing["retrieval_calls"] = queue.busy_s, float(queue.calls)
 
-    def _retrieval_queue(self) -> "RetrievalQueue":
+    def _retrieval_queue(self) -> RetrievalQueue:
         if getattr(self, "_queue", None) is None:
             self._queue = RetrievalQueue(self.retriever, self.config.top_k)
         self._queue.reset_counters()
@@ -462,70 +462,6 @@ class HFRolloutEngine(TurnLoopEngine):
     def _generate_turn(self, keys, contexts, max_new, greedy, generator):
         with torch.no_grad():
             return self._session.run_turn(keys, contexts, max_new)
-
-
-def search_checked(retriever: Retriever, queries: list[str], top_k: int) -> list[list[Passage]]:
-    results = retriever.search(queries, top_k)
-    if len(results) != len(queries):
-        raise StepSearchError(f"the retriever returned {len(results)} result lists for {len(queries)} queries")
-    return results
-
-
-class RetrievalQueue:
-    """Searches on one worker thread: every query waiting when the worker frees up goes into ONE
-    ``retriever.search`` call, so rows whose searches coincide are still batched. Retrievers are
-    thread-safe (Pyserini calls hold the JVM lock; dense and HTTP retrievers share nothing mutable)."""
-
-    def __init__(self, retriever: Retriever, top_k: int):
-        self.retriever, self.top_k = retriever, top_k
-        self._cond = threading.Condition()
-        self._waiting: list[tuple[int, str]] = []
-        self._found: list[tuple[int, list[Passage]]] = []
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self.calls, self.busy_s = 0, 0.0
-
-    def reset_counters(self) -> None:
-        self.calls, self.busy_s = 0, 0.0
-
-    def put(self, key: int, query: str) -> None:
-        with self._cond:
-            self._waiting.append((key, query))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="stepsearch-retrieval", daemon=True)
-                self._thread.start()
-            self._cond.notify_all()
-
-    def take(self, block: bool) -> list[tuple[int, list[Passage]]]:
-        """The searches finished so far (``block``: wait for at least one)."""
-        with self._cond:
-            while block and not self._found and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            found, self._found = self._found, []
-            return found
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting:
-                    self._cond.wait()
-                batch, self._waiting = self._waiting, []
-            start = time.perf_counter()
-            try:
-                results = search_checked(self.retriever, [query for _, query in batch], self.top_k)
-            except BaseException as error:  # handed to the generating thread, raised there
-                with self._cond:
-                    self._error = error
-                    self._cond.notify_all()
-                continue
-            with self._cond:
-                self.calls += 1
-                self.busy_s += time.perf_counter() - start
-                self._found.extend((key, passages) for (key, _), passages in zip(batch, results))
-                self._cond.notify_all()
 
 
 def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, *,
