@@ -95,8 +95,10 @@ def _pairs(values: list[str] | None, what: str) -> dict:
     out = {}
     for value in values or []:
         name, sep, path = value.partition("=")
-        if not sep:
-            name, path = Path(value).stem if what == "benchmark" else (Path(value).name or value), value
+        if not sep:  # a file's stem; a policy directory's name (its run's, for an exported ".../policy")
+            where = Path(value)
+            name = where.stem if what == "benchmark" else (where.parent.name if where.name == "policy" else where.name)
+            name, path = name or value, value
         out[name] = path
     return out
 
