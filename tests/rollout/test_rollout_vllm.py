@@ -160,6 +160,7 @@ def test_independent_turns_equal_the_synchronous_loop(vllm_env, vllm_llm, policy
         assert async_rollout.timing["retrieval_calls"] < searches
 
 
+@pytest.mark.slow
 def test_fit_with_the_vllm_backend(vllm_env, tmp_path):
     """Two PPO iterations with rollouts from vLLM: same logged metric names as the HF backend (plus
     the truncated importance-sampling statistics, switched on for the vLLM run)."""
