@@ -200,3 +200,18 @@ def plain_collectives():
         return 0.0
 
     return Collectives(step=step)
+
+
+def synthetic_trajectory(rows: int, length: int, vocab: int, seed: int = 0):
+    """``(Trajectory, placed [B, L])`` from :func:`synthetic_batch`, as a rollout would hand them over."""
+    from stepsearch.rollout.trajectory import Trajectory, TrajectoryRecord
+
+    batch = synthetic_batch(rows, length, vocab, seed)
+    pad = torch.zeros(rows, 1, dtype=torch.bool)
+    response = torch.cat([pad, batch.response_mask], 1)
+    prompt_lengths = response.float().argmax(1)
+    trajectory = Trajectory(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            loss_mask=torch.cat([pad, batch.policy_mask], 1).long(), prompt_lengths=prompt_lengths,
+                            records=[TrajectoryRecord(prompt_text="", response_text="", answer=None) for _ in range(rows)])
+    placed = torch.cat([torch.zeros(rows, 1), batch.token_scores], 1)
+    return trajectory, placed

@@ -307,7 +307,7 @@ class StepSearchPPO(pl.LightningModule):
         self.last_grad_norm = clip_or_skip(self, optimizer, self.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from stepsearch.runs import all_rng_states
+        from stepsearch.continuation import all_rng_states
 
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
         # Exact continuation (stepsearch.runs): the iteration, every rank's RNG states, and the
@@ -324,7 +324,7 @@ class StepSearchPPO(pl.LightningModule):
             self.last_val_step = checkpoint["val_history"]["last_val_step"]
         states = checkpoint.get("rng_states") or []
         if states:
-            from stepsearch.runs import set_rng_state
+            from stepsearch.continuation import set_rng_state
 
             set_rng_state(states[self.global_rank] if len(states) == self.trainer.world_size else states[0])
 
@@ -422,10 +422,13 @@ class StepSearchPPO(pl.LightningModule):
         return prediction_rows(examples, *rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config))
 
     def on_fit_end(self) -> None:
-        if self.global_rank != 0 or getattr(self.trainer, "stepsearch_stopped", None):
+        if getattr(self.trainer, "stepsearch_stopped", None):
             return  # stopped by a signal: nothing trained to the end to export or report yet
+        full_state = self.actor_critic.gather_policy_state()  # FSDP2: a collective, so on every rank
+        if self.global_rank != 0:
+            return
         out = self.policy_export_dir()
-        self.actor_critic.save_policy(out)
+        self.actor_critic.save_policy(out, full_state)
         from stepsearch.tracking import log_policy_dir, report_before_after
 
         log_policy_dir(self.logger, out, self.rollout_config)  # + stepsearch_policy.json for evaluate

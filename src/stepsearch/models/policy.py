@@ -348,9 +348,29 @@ class ActorCritic(nn.Module):
 
             reshard_after_generation(self)
 
-    def save_policy(self, out_dir) -> None:
+    def gather_policy_state(self) -> dict | None:
+        """Under FSDP2, the policy's full state dict on rank 0 (CPU; a collective: call on every rank);
+        ``None`` when not sharded (``save_policy`` reads the module itself)."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from stepsearch.sharding import reshard_after_generation
+
+        reshard_after_generation(self)
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_policy(self, out_dir, full_state: dict | None = None) -> None:
         """Write the trained policy and its tokenizer as a Hugging Face model directory (LoRA merged
-        into a copy of the base), loadable by ``from_pretrained`` and ``python -m stepsearch evaluate``."""
+        into a copy of the base), loadable by ``from_pretrained`` and ``python -m stepsearch evaluate``.
+        ``full_state``: the gathered weights of a sharded policy (:meth:`gather_policy_state`)."""
+        if full_state is not None:
+            if self.uses_lora:
+                raise StepSearchError("exporting a LoRA policy trained under FSDP2 is not supported; "
+                                      "convert the distributed checkpoint instead")
+            self.policy.save_pretrained(out_dir, state_dict=full_state)
+            self.tokenizer.save_pretrained(out_dir)
+            return
         model = copy.deepcopy(self.policy).merge_and_unload() if self.uses_lora else self.policy
         model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
