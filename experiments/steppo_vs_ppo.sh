@@ -4,14 +4,14 @@
 #
 #   bash experiments/steppo_vs_ppo.sh [OUT]        # OUT defaults to runs/steppo_vs_ppo
 #
-# Environment: ITERATIONS (24), VAL_EVERY (8), SEEDS ("0 1 2"), ALGORITHMS ("steppo ppo grpo"),
+# Environment: ITERATIONS (20), VAL_EVERY (10), SEEDS ("0 1 2"), ALGORITHMS ("steppo ppo grpo"),
 # PARALLEL (2 runs at once, 1 thread each), EXPERIMENT (steppo_vs_ppo), PYTHON (python),
 # MLFLOW_TRACKING_URI (default sqlite:///OUT/mlflow.db). The code is copied to OUT/src first, so
 # editing the working tree while the experiment runs does not change it.
 set -euo pipefail
 OUT=${1:-runs/steppo_vs_ppo}
-ITERATIONS=${ITERATIONS:-24}
-VAL_EVERY=${VAL_EVERY:-8}
+ITERATIONS=${ITERATIONS:-20}
+VAL_EVERY=${VAL_EVERY:-10}
 SEEDS=${SEEDS:-"0 1 2"}
 ALGORITHMS=${ALGORITHMS:-"steppo ppo grpo"}
 PARALLEL=${PARALLEL:-2}
@@ -23,7 +23,10 @@ mkdir -p "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-rm -rf "$OUT/src" && cp -r src "$OUT/src" && cp "$CONFIG" "$OUT/config.yaml"
+if [ -z "${KEEP_SRC:-}" ] || [ ! -d "$OUT/src" ]; then  # KEEP_SRC=1: reuse the snapshot already there
+  rm -rf "$OUT/src" && cp -r src "$OUT/src"
+fi
+cp "$CONFIG" "$OUT/config.yaml"
 export PYTHONPATH="$OUT/src${PYTHONPATH:+:$PYTHONPATH}"
 
 paths=(--config "$OUT/config.yaml" --data.world_dir "$OUT/world" --model.model.name_or_path "$OUT/sft"
