@@ -296,7 +296,10 @@ class FullWeightsForGeneration(nn.Module):
             layers = [m for m in _fsdp_modules(ac.policy)]
             for m in layers:
                 m.set_reshard_after_forward(False, recurse=False)
-            for m in [ac.policy_scorer] + layers:  # the root first: its lazy init claims the layers
+            # The root's lazy init must come first (it claims the layers as its children); unshard()
+            # does not run it, only a forward would, so call it (a private FSDP2 method, torch 2.4+).
+            ac.policy_scorer._get_fsdp_state()._lazy_init()
+            for m in [ac.policy_scorer] + layers:
                 m.unshard()
             object.__setattr__(ac, "_generation_gathered", True)
         return self.policy(*args, **kwargs)

@@ -98,7 +98,9 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
-            return self.linear(hidden.float()).squeeze(-1)
+            # sum over the size-1 dim, not squeeze: a new tensor, not a view (FSDP2's backward hook
+            # on a module's output is lost on views modified in place)
+            return self.linear(hidden.float()).sum(-1)
 
 
 def _trunk_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -184,7 +186,7 @@ class CriticModel(nn.Module):
         """Values at ``value_mask``'s ``[B, L-1]`` positions (``[N]``), or of tokens 1..L-1 (``[B, L-1]``)."""
         if value_mask is None:
             hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            return self.value_head(hidden)[:, :-1]
+            return self.value_head(hidden)[:, :-1].clone()
         return self.value_head(select_hidden(self.trunk, input_ids, attention_mask, [value_mask])[0])
 
 
