@@ -5,8 +5,6 @@ with every path under one directory and ``{seed}`` in the per-seed ones."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -60,10 +58,12 @@ def run_cli(args, cwd, timeout=600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def start_cli(args, cwd, log: Path) -> subprocess.Popen:
+def start_cli(args, cwd, log: Path, new_session: bool = False) -> subprocess.Popen:
+    """Start ``python -m stepsearch ARGS`` (output to ``log``); ``new_session``: its own process
+    group, so DDP ranks it launches can be killed with it (``os.killpg``)."""
     handle = open(log, "w")
     return subprocess.Popen([PYTHON, "-m", "stepsearch", *args], cwd=cwd, env=cli_env(), stdout=handle,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, poll: float = 0.05):
@@ -80,9 +80,23 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, poll: fl
     raise AssertionError("timed out waiting")
 
 
-def send(proc: subprocess.Popen, signum: int, timeout: float = 300.0) -> int:
-    os.kill(proc.pid, signum)
-    return proc.wait(timeout=timeout)
+def run_in_process(args, capsys, monkeypatch) -> tuple[int, str]:
+    """``python -m stepsearch ARGS`` in the test's process, for input refused before any training
+    (no subprocess start-up); returns the exit code and stdout+stderr."""
+    import logging
+    import sys
+
+    import pytest
+
+    from stepsearch.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["stepsearch"])  # LightningCLI warns about args besides pytest's argv
+    # Lightning's log handler may still hold an earlier test's captured stream (closed since).
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out + out.err
 
 
 def error_lines(text: str) -> list[str]:
@@ -94,5 +108,3 @@ def mlflow_client(root: Path):
 
     return mlflow.tracking.MlflowClient(f"sqlite:///{root}/mlflow.db")
 
-
-SIGNALS = {"TERM": signal.SIGTERM, "USR1": signal.SIGUSR1, "INT": signal.SIGINT, "KILL": signal.SIGKILL}

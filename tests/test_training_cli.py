@@ -4,10 +4,12 @@ and bad input reported as one ``error:`` line without a traceback."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 import yaml
+from cli_runs import run_in_process
 from training_fixtures import PYTHON, REPO, python_env, training_env  # noqa: F401  (fixtures)
 
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -116,6 +118,13 @@ def test_missing_policy_without_bootstrap_is_one_error_line(training_env, tmp_pa
     assert "Traceback" not in proc.stdout + proc.stderr
     (line,) = _error_lines(proc)
     assert str(missing) in line and "does not exist" in line and "model.bootstrap" in line
+    # The MLflow run existed when setup failed: it is FAILED (not left RUNNING), the error its tag.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("StepSearchError: model.model.name_or_path") and str(missing) in run.data.tags["error"]
 
 
 def test_unknown_algorithm_is_one_error_line(tmp_path):
@@ -136,3 +145,59 @@ def test_bad_dataclass_value_in_the_config_is_one_error_line(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
     (line,) = _error_lines(proc)
     assert "warm_start.guess_fraction must be in [0, 1), got 1.5" in line
+
+
+def test_misspelled_flag_is_refused_not_taken_as_its_prefix(tmp_path, capsys, monkeypatch):
+    """argparse would take ``--trainer.max_step`` as ``--trainer.max_steps`` (prefix matching)."""
+    monkeypatch.chdir(tmp_path)
+    code, text = run_in_process(["fit", "--config", QUICKSTART, "--trainer.max_step", "3"], capsys, monkeypatch)
+    assert code == 2
+    assert "unrecognized arguments: --trainer.max_step 3" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--trainer.max_steps", "-5", "trainer.max_steps must be >= 1 for fit (got -5)"),
+    ("--trainer.max_steps", "0", "0 would export the untrained policy"),
+    ("--trainer.val_check_interval", "0", "trainer.val_check_interval must be >= 1, got 0"),
+    ("--model.ppo.mini_batch_size", "0", "model.ppo.mini_batch_size must be >= 1, got 0"),
+    ("--model.ppo.ppo_epochs", "-1", "model.ppo.ppo_epochs must be >= 1, got -1"),
+    ("--data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
+    ("--trainer.devices", "0", "trainer.devices must be >= 1, got 0"),
+])
+def test_zero_or_negative_counts_are_one_error_line(tmp_path, capsys, monkeypatch, flag, value, message):
+    monkeypatch.chdir(tmp_path)
+    code, text = run_in_process(["fit", "--config", QUICKSTART, flag, value, "--trainer.logger", "false"], capsys, monkeypatch)
+    assert code == 2
+    assert "Traceback" not in text
+    (line,) = [line for line in text.splitlines() if line.startswith("error:")]
+    assert message in line
+
+
+def test_one_seed_flag_gives_a_separate_complete_run(tmp_path, monkeypatch):
+    """``--seed 3``: every seed of the quickstart (world, tiny model, warm-start, data order, rollouts,
+    Lightning) is 3, every ``{seed}`` path (world, tiny model, warm-start) is seed3's, and the run
+    directory is ``quickstart-steppo-seed3``; no other flag needed."""
+    import sys
+
+    from stepsearch.data.datamodule import StepSearchDataModule
+    from stepsearch.module import StepSearchPPO
+    from stepsearch.trainer_cli import RunSession, SaveConfigCallback, StepSearchCLI, _run_dir, trainer_defaults
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stepsearch"])
+    session = RunSession()
+    cli = StepSearchCLI(StepSearchPPO, StepSearchDataModule, args=["--config", str(QUICKSTART), "--seed", "3", "--trainer.max_steps", "1"],
+                        run=False, save_config_callback=SaveConfigCallback, trainer_defaults=trainer_defaults(),
+                        parser_kwargs={"allow_abbrev": False}, session=session)
+    config = cli.config
+    assert session.seed == 3 and config["seed_everything"] == 3
+    assert cli.model.seed == 3 and cli.datamodule.seed == 3 and cli.datamodule.world.seed == 3
+    assert cli.model.bootstrap.tiny.seed == 3 and cli.model.bootstrap.warm_start.seed == 3
+    assert str(cli.datamodule.world_dir) == "runs/quickstart/seed3/world"
+    assert cli.model.model_settings.name_or_path == "runs/quickstart/seed3/sft"
+    assert cli.model.bootstrap.tiny.out_dir == "runs/quickstart/seed3/tiny"
+    assert list(cli.model.bootstrap.tiny.corpus_files) == ["runs/quickstart/seed3/world/corpus.jsonl",
+                                                           "runs/quickstart/seed3/world/train.jsonl"]
+    assert list(cli.model.bootstrap.warm_start.data) == ["runs/quickstart/seed3/world/train.jsonl"]
+    assert _run_dir(config, session.seed, None) == tmp_path.joinpath("runs/quickstart/quickstart-steppo-seed3").relative_to(tmp_path)
+    assert "{seed}" not in json.dumps(config.as_dict(), default=str)

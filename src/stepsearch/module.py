@@ -307,7 +307,7 @@ class StepSearchPPO(pl.LightningModule):
         self.last_grad_norm = clip_or_skip(self, optimizer, self.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from stepsearch.runs import all_rng_states
+        from stepsearch.continuation import all_rng_states
 
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
         # Exact continuation (stepsearch.runs): the iteration, every rank's RNG states, and the
@@ -324,7 +324,7 @@ class StepSearchPPO(pl.LightningModule):
             self.last_val_step = checkpoint["val_history"]["last_val_step"]
         states = checkpoint.get("rng_states") or []
         if states:
-            from stepsearch.runs import set_rng_state
+            from stepsearch.continuation import set_rng_state
 
             set_rng_state(states[self.global_rank] if len(states) == self.trainer.world_size else states[0])
 

@@ -10,6 +10,9 @@ MLflow id, so that a new process finds it again::
 ``fit --ckpt_path last`` resumes the highest iteration found there into the *same* MLflow run. A
 resume whose config differs from the record is refused, naming the changed fields, unless
 ``--allow_config_change true`` (the changes are then recorded in ``run.json`` and as MLflow tags).
+Each (metric, step) is logged once (:class:`LogOnce`): an iteration's metrics are flushed before its
+checkpoint is written, and a resumed run does not repeat what the killed process logged. The RNG
+states and the data order are in ``stepsearch.continuation``.
 
 Signals (:class:`PreemptionCallback`): SIGTERM and SIGUSR1 (SLURM's warning signal) set a flag; at
 the next PPO-iteration boundary every rank agrees to stop, a checkpoint is written, the MLflow run
@@ -373,98 +376,3 @@ def _slurm_requeue() -> bool:
         return subprocess.call(["scontrol", "requeue", job]) == 0
     except OSError:
         return False
-
-
-# ------------------------------------------------------------------------------------- RNG states
-
-def rng_state() -> dict:
-    """This process's RNG states (Python, NumPy, torch CPU and CUDA) in ``weights_only``-loadable types."""
-    import random
-
-    import numpy as np
-    import torch
-
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": (version, tuple(internal), gauss), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)),
-                                                                    int(pos), int(has_gauss), float(cached)),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_rng_states(trainer) -> list[dict]:
-    """Every rank's RNG states, in rank order (a collective: call on all ranks, as checkpoint saving is)."""
-    import torch.distributed as dist
-
-    state = rng_state()
-    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-        states: list = [None] * trainer.world_size
-        dist.all_gather_object(states, state)
-        return states
-    return [state]
-
-
-# ------------------------------------------------------------------------------------- data order
-
-from torch.utils.data import DataLoader  # noqa: E402
-
-
-class ResumableDataLoader(DataLoader):
-    """A training DataLoader whose position survives a checkpoint.
-
-    Lightning stores ``state_dict()`` in the fit loop's checkpoint state and calls
-    ``load_state_dict`` before iterating again on resume. The state is the shuffling generator's
-    state at the start of the epoch and after its order was drawn, and the batches handed out: a
-    mid-epoch resume replays the same order and skips what was trained on; an end-of-epoch one
-    draws the next epoch's order. Under DDP the sampler's order is a function of the epoch (which
-    Lightning restores), so only the skip applies. An uninterrupted run's order is unchanged.
-    """
-
-    def __iter__(self):
-        return self._iterate()  # a generator: nothing is drawn before Lightning's set_epoch
-
-    def _iterate(self):
-        pending = self.__dict__.pop("_pending", None)
-        generator = getattr(self.sampler, "generator", None)
-        skip = 0
-        if pending is not None:
-            if pending["batches"] >= pending["length"]:
-                state = pending["after_draw"]
-            else:
-                state, skip = pending["epoch_start"], pending["batches"]
-            if generator is not None and state is not None:
-                generator.set_state(state)
-        self._epoch_start = generator.get_state().clone() if generator is not None else None
-        iterator = DataLoader.__iter__(self)
-        for _ in range(skip):
-            next(iterator)
-        self._batches = skip
-        for batch in iterator:
-            self._batches += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        generator = getattr(self.sampler, "generator", None)
-        return {"batches": getattr(self, "_batches", 0), "length": len(self),
-                "epoch_start": getattr(self, "_epoch_start", None),
-                "after_draw": generator.get_state().clone() if generator is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._pending = dict(state)

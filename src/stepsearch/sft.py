@@ -331,7 +331,8 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
 
     A fingerprint of the settings that made each (``stepsearch_fingerprint.json``) is stored beside
     it; a directory made by other settings is refused in one line naming them (never silently reused:
-    the run would record settings that did not make its policy). The global RNG states are left as
+    the run would record settings that did not make its policy); a policy directory the warm-start
+    did not make (no ``warm_start.json``: an exported policy) is used as it is. The global RNG states are left as
     they were, so a run trains the same whether its bootstrap was made now or cached.
     """
     import torch
@@ -352,6 +353,9 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
                                 intermediate_size=t.intermediate_size, seed=t.seed)
                 write_fingerprint(t.out_dir, tiny_settings, "tiny model")
         warm = settings.warm_start
+        policy = Path(policy_path)
+        if warm is not None and (policy / "config.json").exists() and not (policy / "warm_start.json").exists():
+            warm = None  # a model the warm-start did not make (e.g. an exported policy): used as it is
         if warm is not None:
             base = warm.base or (settings.tiny.out_dir if settings.tiny else None)
             if base is None:

@@ -8,8 +8,9 @@ step-0 validation), resolved config logged to MLflow. Every Lightning flag appli
 
 Added flags: ``--seed S`` (every seed of the config, and ``{seed}`` in any path, become ``S``: one
 flag gives a separate, complete run), ``--run_dir`` (default ``{default_root_dir}/{config}-{algorithm}-seed{S}``),
-``--allow_config_change`` (resume although the config changed; recorded). ``fit --ckpt_path last``
-resumes the run directory's highest checkpoint into the same MLflow run. Flags are never
+``--allow_config_change`` (resume although the config changed; recorded), ``--predictions_file``.
+``fit --ckpt_path last`` resumes the run directory's highest checkpoint into the same MLflow run
+(``auto``: the same if there is one, else a fresh start). Flags are never
 abbreviated (``--trainer.max_step`` is an error, not ``max_steps``).
 """
 
@@ -73,6 +74,9 @@ class StepSearchCLI(LightningCLI):
                                  "{trainer.default_root_dir}/{config}-{algorithm}-seed{S}")
         parser.add_argument("--allow_config_change", type=bool, default=False,
                             help="resume although the config differs from the run's record (the change is recorded)")
+        parser.add_argument("--predictions_file", type=str | None, default=None,
+                            help="predict: the JSONL of per-question predictions (default "
+                                 "{trainer.default_root_dir}/predictions.jsonl)")
 
     def _subconfig(self):
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -92,6 +96,11 @@ class StepSearchCLI(LightningCLI):
 
     def after_fit(self) -> None:
         self.session.exit_code = self.session.finish(self.trainer)
+
+    def before_predict(self) -> None:
+        config = self._subconfig()
+        path = config.get("predictions_file") or Path(config.get("trainer.default_root_dir") or ".") / "predictions.jsonl"
+        self.trainer.callbacks.append(PredictionsWriter(Path(path)))
 
 
 def apply_seed(config) -> int:
@@ -117,6 +126,8 @@ def check_counts(config, subcommand: str | None) -> None:
     """One line for a zero or negative count (before Lightning or a dataclass sees it)."""
     for key, minimum in COUNT_MINIMUMS.items():
         value = config.get(key) if key in config else None
+        if isinstance(value, str) and value.lstrip("-").isdigit():  # trainer.devices may come as text
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool) or value >= minimum:
             continue
         if value == -1 and key in ("trainer.devices", "trainer.max_epochs"):
@@ -130,6 +141,35 @@ def check_counts(config, subcommand: str | None) -> None:
             raise ConfigError(f"trainer.max_steps must be >= 1 for fit (got {value}): the PPO iterations to run; "
                               "0 would export the untrained policy as the trained one (`validate` evaluates it)")
         raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+class PredictionsWriter(Callback):
+    """``predict`` writes its rows (``evaluation.prediction_rows``) to a JSONL file and says where
+    (one file per rank under DDP: ``name.rank{R}.jsonl``)."""
+
+    def __init__(self, path: Path):
+        self.path, self.handle, self.rows = Path(path), None, 0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = self.path if trainer.world_size == 1 else self.path.with_suffix(f".rank{trainer.global_rank}.jsonl")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = path.open("w")
+        except OSError as err:
+            raise StepSearchError(f"--predictions_file {path}: cannot write ({err.strerror})") from None
+        self.path = path
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        import json
+
+        for row in outputs or []:
+            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.rows += 1
+        self.handle.flush()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self.handle.close()
+        print(f"predictions: {self.rows} rows written to {self.path}", flush=True)
 
 
 class RunSession:
@@ -190,7 +230,10 @@ def run_lightning(argv: list[str]) -> StepSearchCLI | None:
     from stepsearch.data.datamodule import StepSearchDataModule
     from stepsearch.module import StepSearchPPO
 
+    import signal
+
     session = RunSession()
+    handlers = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGTERM", "SIGUSR1")}
     try:
         cli = StepSearchCLI(
             StepSearchPPO,
@@ -209,6 +252,9 @@ def run_lightning(argv: list[str]) -> StepSearchCLI | None:
         if line is None:
             raise
         raise StepSearchInterrupted(line) from None
+    finally:  # the handlers fit installed go with it (matters when called in-process)
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
     if session.exit_code:
         raise SystemExit(session.exit_code)
     return cli
@@ -232,6 +278,9 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
     ckpt_path = init.get("ckpt_path")
     run_dir = _run_dir(config, session.seed, ckpt_path)
     record = runs.read_record(run_dir)
+    if ckpt_path == "auto":  # resume if the run has a checkpoint, else start (SLURM scripts)
+        ckpt_path = "last" if runs.find_last_checkpoint(run_dir) is not None else None
+        init["ckpt_path"] = ckpt_path
     resume = None
     if ckpt_path is not None:
         resume = _resume(run_dir, record, str(ckpt_path), flat, bool(config.get("allow_config_change")))
@@ -269,7 +318,7 @@ def _run_dir(config, seed: int, ckpt_path) -> Path:
 
     if config.get("run_dir"):
         return Path(config["run_dir"])
-    if ckpt_path not in (None, "last"):  # a checkpoint inside a run directory resumes that run
+    if ckpt_path not in (None, "last", "auto"):  # a checkpoint inside a run directory resumes that run
         owner = Path(str(ckpt_path)).resolve().parent.parent
         if (owner / runs.RUN_RECORD).exists():
             return owner
@@ -289,7 +338,7 @@ def _resume(run_dir: Path, record: dict | None, ckpt_path: str, flat: dict, allo
                                   "seed have no run to resume); start without --ckpt_path, or pass --run_dir")
     else:
         checkpoint = Path(ckpt_path)
-        if not checkpoint.is_file():
+        if not checkpoint.exists():  # a file, or a folder (FSDP2's distributed checkpoints)
             raise StepSearchError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
     changes = runs.config_changes(record["config"], flat) if record else []
     if changes and not allow_change:
