@@ -130,3 +130,33 @@ def test_bad_input_is_one_line(tmp_path, training_env):
     suite.index = str(tmp_path)
     with pytest.raises(StepSearchError, match="is not an index"):
         run_suite(suite)
+
+
+def test_ask_prints_the_trajectory_turn_by_turn(training_env, capsys):
+    import argparse
+
+    from stepsearch.suite import run_ask
+
+    question = [json.loads(line) for line in training_env.val.read_text().splitlines()][0]["question"]
+    args = argparse.Namespace(question=question, model=str(training_env.sft_dir), index=str(training_env.index_dir),
+                              url=None, method="rag", template=None, max_turns=None, dtype="float32")
+    assert run_ask(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("question: ") and lines[1].startswith("turn 1: <search> ")
+    assert lines[2].startswith("  retrieved: ") and "(" in lines[2]  # titles with their passage ids
+    assert any(line.startswith("answer: ") for line in lines) and "1 searches" in out
+
+
+def test_trajectory_lines_pair_searches_with_their_results():
+    from types import SimpleNamespace
+
+    from stepsearch.suite import trajectory_lines
+
+    step = SimpleNamespace(passage_titles=["A", "B"], passage_ids=["1", "2"])
+    record = SimpleNamespace(
+        response_text="<think> x </think> <search> q1 </search>\n\n<information> Doc 1 </information>\n\n"
+                      "<think> y </think> <answer> z </answer>",
+        steps=[step], invalid_actions=[])
+    assert trajectory_lines(record) == ["turn 1: <think> x </think> <search> q1 </search>", "  retrieved: A (1) | B (2)",
+                                        "turn 2: <think> y </think> <answer> z </answer>"]

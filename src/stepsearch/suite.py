@@ -354,7 +354,7 @@ def run_ask(args: argparse.Namespace) -> int:
     engine = method_engine(args.method, model, tokenizer, retriever, config)
     example = Example(id="ask", question=args.question, answers=[""])
     trajectory, scores = rollout_and_score(engine, [example], RewardConfig())
-    console = Console()
+    console = Console(soft_wrap=True)  # one turn per line, however long
     console.print(f"[bold]question[/]: {args.question}")
     for line in trajectory_lines(trajectory.records[0]):
         console.print(line, markup=False, highlight=False)
