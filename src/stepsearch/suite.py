@@ -245,14 +245,10 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
         rule = "all" if suite.sample is None else (f"first {suite.sample}" if suite.seed is None else f"{suite.sample} sampled, seed {suite.seed}")
         note = f"{name}: {len(chosen)} questions ({rule})"
         notes.append(note + (f"; {skipped} rows skipped by the reader (no golden answer or unreadable)" if skipped else ""))
-    retriever, meta = build_suite_retriever(suite)
+    retriever, _ = build_suite_retriever(suite)
     rows = []
     for model_name, model_path in suite.models.items():
         config, card = policy_rollout(model_path, suite.rollout)
-        trained_index = (card.get("index") or {})
-        if meta is not None and trained_index.get("count") not in (None, meta.count):
-            console.print(f"[yellow]note[/]: {model_name} was trained with an index of {trained_index['count']} passages; "
-                          f"evaluating with {suite.index} ({meta.count} passages)")
         model, tokenizer = load_policy(model_path, dtype=suite.dtype)
         for method in suite.methods:
             engine = method_engine(method, model, tokenizer, retriever, config)
