@@ -226,24 +226,31 @@ DDP_SCRIPT = textwrap.dedent('''
         log_samples_every_n_steps=0)
     data = StepSearchDataModule(train={train!r}, retriever=RetrieverConfig(kind="bm25", index={index!r}),
                                 batch_size=2, seed=0)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
+    from stepsearch.sharding import FSDP2Strategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy() if {strategy!r} == "fsdp" else "ddp",
+                        max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=out)
     trainer.fit(module, data)
-    params = {{name: p.detach().double().sum().item() for name, p in module.actor_critic.named_parameters()}}
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
+    params = {{name: full(p.detach()).double().sum().item() for name, p in module.actor_critic.named_parameters()}}
     (out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(
         {{"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params}}))
 ''')
 
 
-def test_ddp_two_cpu_processes_stay_in_sync(training_env, tmp_path):
-    """Lightning's subprocess DDP launcher (gloo): both ranks finish one PPO iteration with the same
-    weights, and the weights moved (gradients were averaged, not skipped)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_cpu_processes_fit_with_real_rollouts(training_env, tmp_path, strategy):
+    """Lightning's subprocess launcher (gloo), DDP or FSDP2, real rollouts (FSDP2: generation with the
+    gathered policy weights): both ranks finish one PPO iteration with the same weights, and the
+    weights moved (the update is checked exactly in test_strategies.py)."""
     from stepsearch.models.policy import ActorCritic, PolicySettings
 
-    script = tmp_path / "ddp_fit.py"
+    script = tmp_path / "fit.py"
     script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(tmp_path), policy=str(training_env.sft_dir),
-                                        train=str(training_env.train), index=str(training_env.index_dir)))
+                                        train=str(training_env.train), index=str(training_env.index_dir),
+                                        strategy=strategy))
     proc = subprocess.run([PYTHON, str(script)], cwd=tmp_path, env=python_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

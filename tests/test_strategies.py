@@ -7,8 +7,9 @@ micro-batches and ranks (DDP: one flat all-reduce; FSDP2: reduce-scatter of a wo
 
 - rank invariance: 2 × 4 prompts and 1 × 8 prompts give the same parameters after one PPO
   iteration, under DDP and under FSDP2 (``FSDP2Strategy``, ``fully_shard`` per decoder layer);
-- FSDP2 resume: stop after a (distributed) checkpoint at iteration 1, resume, and the parameters
-  after iteration 2 equal those of an uninterrupted run; the reference is rebuilt, not restored.
+- FSDP2 resume: a new run resumed from the (distributed, one shard per rank) checkpoint of iteration
+  1 ends iteration 2 with the parameters of the uninterrupted run; the reference is rebuilt from the
+  policy's source (it is not in the checkpoint), the same.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ SCRIPT = textwrap.dedent('''
     callbacks = []
     if {save!r}:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1,
-                                                             save_last=True))
+                                                             save_top_k=-1, filename="iter-{{step}}"))
     trainer = L.Trainer(accelerator="cpu", devices=devices, max_steps=max_steps, logger=False,
                         enable_checkpointing=bool(callbacks), callbacks=callbacks, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -136,8 +137,9 @@ def test_one_process_update_moves_the_weights(runs):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_rank(runs, strategy):
+    fsdp = strategy == "fsdp"  # FSDP2 runs on to iteration 2, with checkpoints, for the resume test
     two = _run(runs["tmp"], f"two_{strategy}", runs["policy"], strategy=strategy, devices=2,
-               max_steps=2 if strategy == "fsdp" else 1)
+               max_steps=2 if fsdp else 1, save=fsdp)
     single = _load(runs["single"], 1)["params"]
     _assert_same(single, _load(two, 1)["params"], rtol=1e-6)
     runs[f"two_{strategy}"] = two
@@ -147,9 +149,15 @@ def test_fsdp2_resume_equals_uninterrupted_run(runs):
     uninterrupted = runs.get("two_fsdp")
     if uninterrupted is None:
         pytest.skip("needs the FSDP2 run of test_two_ranks_match_one_rank")
-    first = _run(runs["tmp"], "fsdp_first", runs["policy"], strategy="fsdp", devices=2, max_steps=1, save=True)
-    checkpoint = first / "ckpt" / "last.ckpt"
-    assert checkpoint.is_dir() and not any("reference" in p.name for p in checkpoint.iterdir())
+    checkpoint = uninterrupted / "ckpt" / "iter-step=1.ckpt"  # the run went on; this one resumes from it
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
+    metadata = torch.load(checkpoint / "meta.pt", weights_only=False)
+    assert metadata["global_step"] == 1
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    assert any(k.startswith("state_dict.actor_critic.policy.") for k in keys)
+    assert not any("reference" in k for k in keys)
     resumed = _run(runs["tmp"], "fsdp_resumed", runs["policy"], strategy="fsdp", devices=2, max_steps=2,
                    ckpt=str(checkpoint))
     expected, got = _load(uninterrupted, 2), _load(resumed, 2)
