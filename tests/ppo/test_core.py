@@ -23,6 +23,7 @@ from stepsearch.ppo import (
     policy_loss,
     value_loss,
 )
+from stepsearch.ppo import core
 
 F64 = torch.float64
 
@@ -281,3 +282,40 @@ def test_grpo_advantages():
     assert torch.all(same == 0)
     with pytest.raises(ValueError):
         grpo_advantages(scores, ["a"])
+
+
+def test_loss_aggregations_by_name_against_float64_sums():
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    rows = [per_token[b][mask[b]] for b in range(3)]
+    token_mean = sum(r.sum() for r in rows) / 7
+    seq_mean = (rows[0].mean() + rows[1].mean()) / 2  # the empty row counts for nothing
+    assert torch.isclose(core.aggregate_loss(per_token, mask, "token-mean"), token_mean)
+    assert torch.isclose(core.aggregate_loss(per_token, mask, "seq-mean-token-mean"), seq_mean)
+    # A micro-batch's share: the denominator of the whole minibatch (here 7 tokens + 9 elsewhere).
+    assert torch.isclose(core.aggregate_loss(per_token, mask, "token-mean", denominator=16), token_mean * 7 / 16)
+    assert int(core.aggregation_count(mask, "seq-mean-token-mean")) == 2
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        core.aggregate_loss(per_token, mask, "sum")
+
+
+def test_whitening_with_a_cross_rank_sum_equals_whitening_the_whole_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(8, 6, generator=g) > 0.3
+    whole = core.masked_whiten(x, mask)
+    halves = [(x[:4], mask[:4]), (x[4:], mask[4:])]
+
+    # Simulate rank 0 with the other rank's contribution added in by the "all-reduce".
+    other_x, other_mask = halves[1]
+
+    def reduce_sum(t):
+        if t.numel() == 2:
+            return t + torch.stack([core.masked_sum(other_x, other_mask), other_mask.sum().to(t.dtype)])
+        mean = (core.masked_sum(x, mask) / mask.sum()).to(t.dtype)
+        return t + core.masked_sum((other_x - mean) ** 2, other_mask).reshape(1)
+
+    rank0 = core.masked_whiten(halves[0][0], halves[0][1], reduce_sum=reduce_sum)
+    torch.testing.assert_close(rank0, whole[:4])
+    assert not torch.allclose(core.masked_whiten(*halves[0]), whole[:4])  # local statistics differ
