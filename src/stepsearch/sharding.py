@@ -165,13 +165,13 @@ def _stepper(module, reduce: bool):
 
 
 def flat_all_reduce(params) -> None:
-    """Sum gradients over ranks as one flat buffer per dtype (every rank runs the same graph, so the
-    same parameters have gradients; a missing one is summed as zeros)."""
+    """Sum gradients over ranks as one flat buffer per dtype. Every rank runs the same graph, so the
+    same parameters have gradients; one without (e.g. GRPO's unused value head) stays ``None`` and
+    is not stepped, as on one process."""
     by_dtype: dict = {}
     for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
