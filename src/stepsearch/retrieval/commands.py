@@ -39,6 +39,8 @@ def configure_index_build(parser: argparse.ArgumentParser) -> None:
     dense.add_argument("--pq-m", type=positive_int, default=None, help="ivf-pq bytes per vector (default: dim/4)")
     dense.add_argument("--train-size", type=positive_int, default=None,
                        help="vectors sampled to train IVF/PQ/SQ types (default: min(all, max(100k, 64*nlist)))")
+    dense.add_argument("--rerank", action="store_true",
+                       help="also keep fp16 vectors on disk (2*dim bytes a passage) to re-rank candidates exactly")
     dense.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch size (default: 64)")
     dense.add_argument("--max-length", type=positive_int, default=256, help="max tokens per passage (default: 256)")
     dense.add_argument("--pooling", choices=("mean", "cls"), default="mean", help="encoder pooling (default: mean)")
@@ -78,7 +80,8 @@ def run_index_build(args: argparse.Namespace) -> int:
             show_progress=not args.quiet,
             query_prefix=args.query_prefix,
             passage_prefix=args.passage_prefix,
-            faiss_index=FaissSpec(type=args.faiss, nlist=args.nlist, pq_m=args.pq_m, train_size=args.train_size),
+            faiss_index=FaissSpec(type=args.faiss, nlist=args.nlist, pq_m=args.pq_m, train_size=args.train_size,
+                                  rerank=args.rerank),
             batch_size=args.batch_size,
             max_length=args.max_length,
         )
@@ -138,6 +141,8 @@ def add_dense_open_options(parser: argparse.ArgumentParser) -> None:
     dense.add_argument("--pooling", choices=("mean", "cls"), default=None, help="override the encoder pooling")
     dense.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists visited per query (default: 32)")
     dense.add_argument("--ef-search", type=positive_int, default=None, help="HNSW candidates per query (default: 128)")
+    dense.add_argument("--rerank-candidates", type=int, default=None,
+                       help="rows re-ranked exactly per query, for an index built with --rerank (default 100, 0 = off)")
     dense.add_argument("--mmap", action="store_true", help="memory-map the FAISS codes instead of loading them")
     dense.add_argument("--faiss-gpu", action="store_true", help="FAISS on all visible GPUs (sharded, fp16)")
 
@@ -145,7 +150,8 @@ def add_dense_open_options(parser: argparse.ArgumentParser) -> None:
 def dense_config_fields(args: argparse.Namespace) -> dict:
     """RetrieverConfig fields from :func:`add_dense_open_options`."""
     return {"encoder": args.encoder, "query_prefix": args.query_prefix, "pooling": args.pooling,
-            "nprobe": args.nprobe, "ef_search": args.ef_search, "mmap": args.mmap, "faiss_gpu": args.faiss_gpu}
+            "nprobe": args.nprobe, "ef_search": args.ef_search, "mmap": args.mmap, "faiss_gpu": args.faiss_gpu,
+            "rerank_candidates": args.rerank_candidates}
 
 
 def read_queries(path: str | Path) -> list[str]:

@@ -28,15 +28,18 @@ from stepsearch.retrieval.base import Passage, check_search_args
 from stepsearch.retrieval.docstore import DocStore, DocStoreWriter, JsonlRowStore, corpus_row_starts
 from stepsearch.retrieval.encoder import TextEncoder
 from stepsearch.retrieval.faiss_index import (
+    RERANK_FILE,
     FaissSpec,
     describe_index,
     new_index,
     read_faiss,
     set_search_params,
     to_gpu,
+    rerank,
     train,
     train_sample_rows,
     write_faiss,
+    write_rerank_vectors,
 )
 
 FAISS_FILE = "faiss.index"
@@ -73,7 +76,7 @@ def write_dense_index(
     spec = faiss_index if isinstance(faiss_index, FaissSpec) else FaissSpec(type=faiss_index)
     spec.check()
     encoder = _load_encoder(encoder, max_length)
-    streamed = spec.type not in TRAINED_LATER and spec.type[:1].islower()
+    streamed = spec.type not in TRAINED_LATER and spec.type[:1].islower() and not spec.rerank
     index = new_index(spec, encoder.dim, 0) if streamed else None
     store = DocStoreWriter(index_dir)
     spill_path = Path(tempfile.mkstemp(prefix="vectors-", suffix=".f32", dir=index_dir)[1])
@@ -96,7 +99,11 @@ def write_dense_index(
                 store.add(chunk)
         count = store.close()
         if not streamed:
-            index = _train_and_add(spec, np.memmap(spill_path, np.float32, "r", shape=(count, encoder.dim)), progress)
+            spilled = np.memmap(spill_path, np.float32, "r", shape=(count, encoder.dim))
+            index = _train_and_add(spec, spilled, progress)
+            if spec.rerank:
+                write_rerank_vectors(spilled, index_dir / RERANK_FILE)
+            del spilled
     finally:
         spill_path.unlink(missing_ok=True)
     write_faiss(index, index_dir / FAISS_FILE)
@@ -139,6 +146,8 @@ class DenseRetriever:
         encoder / query_prefix / pooling / max_length: default to what the metadata records; for
             a bare FAISS file: the packaged MiniLM, ``"query: "``, mean pooling, 256 tokens.
         nprobe / ef_search: IVF lists visited / HNSW candidates (defaults 32 / 128).
+        rerank_candidates: with a re-ranking index (``rerank.f16.npy``), rows fetched from the
+            compressed index and re-scored exactly (default 100; 0 turns re-ranking off).
         mmap: map the vector codes from the file instead of loading them.
         faiss_gpu: clone the index onto all GPUs (sharded, fp16), as Search-R1's ``--faiss_gpu``.
     """
@@ -152,6 +161,7 @@ class DenseRetriever:
         batch_size: int = 64,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        rerank_candidates: int | None = None,
         mmap: bool = False,
         faiss_gpu: bool = False,
         corpus: str | Path | None = None,
@@ -202,6 +212,14 @@ class DenseRetriever:
         self.num_docs = int(self._index.ntotal)
         self.faiss_path, self.mmap, self.gpu = faiss_path, bool(mmap), bool(faiss_gpu)
         self._facts = describe_index(self._index)
+        rerank_path = self.index_dir / RERANK_FILE
+        self._rerank = None
+        if rerank_path.is_file() and rerank_candidates != 0:
+            self._rerank = np.load(rerank_path, mmap_mode="r")
+            if self._rerank.shape != (self.num_docs, self._index.d):
+                raise RetrievalError(f"{rerank_path} holds {self._rerank.shape} vectors, not ({self.num_docs}, "
+                                     f"{self._index.d}): rebuild the index")
+            self._facts["rerank_candidates"] = int(rerank_candidates or 100)
         if faiss_gpu:
             self._index = to_gpu(self._index)
         faiss.omp_set_num_threads(self.threads)
@@ -215,7 +233,13 @@ class DenseRetriever:
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Passage]]:
         """Search with query vectors already encoded (``(n, dim)`` float32, unit rows)."""
-        scores, rows = self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(int(k), self.num_docs))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        k = min(int(k), self.num_docs)
+        if self._rerank is not None:
+            candidates = self._index.search(vectors, min(max(k, self._facts["rerank_candidates"]), self.num_docs))[1]
+            scores, rows = rerank(vectors, candidates, self._rerank, k)
+        else:
+            scores, rows = self._index.search(vectors, k)
         return [
             [self._store.get(int(row), float(score)) for row, score in zip(row_list, score_list) if row >= 0]
             for row_list, score_list in zip(rows, scores)

@@ -45,6 +45,8 @@ class RetrieverConfig:
             ``hnsw-sq8``, ``ivf-flat``, ``ivf-sq8``, ``ivf-sq4``, ``ivf-pq`` or a factory string).
         faiss_nlist: IVF lists for that build (default ~4·sqrt(passages)).
         faiss_pq_m: PQ bytes per vector for ``ivf-pq`` (default dim/4).
+        faiss_rerank: that build also keeps fp16 vectors on disk to re-rank candidates exactly.
+        rerank_candidates: candidates re-ranked per query when the index has them (default 100, 0 = off).
         nprobe: IVF lists visited per query (default 32).
         ef_search: HNSW candidate list per query (default 128).
         mmap: memory-map the FAISS codes instead of loading them.
@@ -69,6 +71,8 @@ class RetrieverConfig:
     faiss_index: str = "flat"
     faiss_nlist: int | None = None
     faiss_pq_m: int | None = None
+    faiss_rerank: bool = False
+    rerank_candidates: int | None = None
     nprobe: int | None = None
     ef_search: int | None = None
     mmap: bool = False
@@ -97,7 +101,8 @@ def _ensure_index(config: RetrieverConfig) -> Path:
             threads=config.threads,
             query_prefix="query: " if config.query_prefix is None else config.query_prefix,
             passage_prefix="passage: " if config.passage_prefix is None else config.passage_prefix,
-            faiss_index=FaissSpec(type=config.faiss_index, nlist=config.faiss_nlist, pq_m=config.faiss_pq_m),
+            faiss_index=FaissSpec(type=config.faiss_index, nlist=config.faiss_nlist, pq_m=config.faiss_pq_m,
+                                  rerank=config.faiss_rerank),
         )
     return index_dir
 
@@ -128,6 +133,7 @@ def build_retriever(config: RetrieverConfig) -> Retriever:
         retriever = DenseRetriever(
             index, encoder=config.encoder, query_prefix=config.query_prefix, threads=config.threads,
             nprobe=config.nprobe, ef_search=config.ef_search, mmap=config.mmap, faiss_gpu=config.faiss_gpu,
+            rerank_candidates=config.rerank_candidates,
             corpus=config.corpus if index.is_file() else None, pooling=config.pooling,
         )
     if config.cache_size:

@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 INDEX_KINDS = ("bm25", "dense")
 # Files and folders an index build writes; a rebuild removes exactly these.
 # (the metadata goes last when installing, so a reader never sees it before the data)
-_ARTEFACTS = (LUCENE_SUBDIR, "faiss.index", "passages.jsonl", "passages.offsets.npy", "corpus.offsets.npy",
+_ARTEFACTS = (LUCENE_SUBDIR, "faiss.index", "rerank.f16.npy", "passages.jsonl", "passages.offsets.npy", "corpus.offsets.npy",
               "corpus.offsets.json", META_FILE)
 
 
