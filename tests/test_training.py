@@ -1,49 +1,51 @@
-"""score_batch: log-probs are those of the sampling distribution softmax(logits / T)."""
+"""Lean log-probs: ``chunked_logprobs`` (hidden states at scored positions only, LM head +
+log-softmax in chunks, temperature inside the chunk) against a float64 full-vocabulary reference, with
+gradients, and entropy only as asked (differentiable, detached, or not at all)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from stepsearch.rollout.trajectory import Trajectory, TrajectoryRecord
-from stepsearch.training import score_batch
+from stepsearch.models.policy import chunked_logprobs
 
 
-class FixedLogits:
-    """A stand-in actor-critic whose policy and reference return fixed logits."""
-
-    def __init__(self, logits: torch.Tensor, ref_logits: torch.Tensor):
-        self.logits, self.ref_logits = logits, ref_logits
-
-    def policy_forward(self, ids, attn):
-        return self.logits[: ids.shape[0], : ids.shape[1] - 1], None
-
-    def reference_logits(self, ids, attn):
-        return self.ref_logits[: ids.shape[0], : ids.shape[1] - 1]
-
-    def critic_values(self, ids, attn):
-        return torch.zeros(ids.shape[0], ids.shape[1] - 1)
+def _reference(hidden, weight, labels, temperature):
+    logits = hidden.double() @ weight.double().T / temperature
+    logp = torch.log_softmax(logits, -1)
+    return logp.gather(-1, labels[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
 
 
-def test_score_batch_uses_temperature_scaled_log_probs():
-    gen = torch.Generator().manual_seed(0)
-    batch, length, vocab, temperature = 2, 5, 7, 0.6
-    logits = torch.randn(batch, length - 1, vocab, generator=gen)
-    ref_logits = torch.randn(batch, length - 1, vocab, generator=gen)
-    ids = torch.randint(0, vocab, (batch, length), generator=gen)
-    trajectory = Trajectory(
-        input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=torch.ones_like(ids),
-        prompt_lengths=torch.tensor([1, 1]), records=[TrajectoryRecord("", "", None) for _ in range(batch)],
-    )
-    old, ref, values = score_batch(FixedLogits(logits, ref_logits), trajectory, micro_batch_size=batch,
-                                   need_values=True, temperature=temperature)
-    for b in range(batch):
-        for j in range(length - 1):
-            row = logits[b, j].double() / temperature
-            expected = row[ids[b, j + 1]] - torch.logsumexp(row, 0)
-            assert abs(float(old[b, j]) - float(expected)) < 1e-5
-            ref_row = ref_logits[b, j].double() / temperature
-            assert abs(float(ref[b, j]) - float(ref_row[ids[b, j + 1]] - torch.logsumexp(ref_row, 0))) < 1e-5
-    assert values.shape == (batch, length - 1)
-    # and T = 1 differs: the test would fail if the scaling were dropped
-    plain, _, _ = score_batch(FixedLogits(logits, ref_logits), trajectory, batch, False, temperature=1.0)
-    assert not torch.allclose(plain, old)
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_logprobs_match_float64_full_softmax_with_temperature(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 8, generator=g, requires_grad=True)
+    head = torch.nn.Linear(8, 50, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(50, 8, generator=g))
+    labels = torch.randint(0, 50, (10,), generator=g)
+    logp, entropy = chunked_logprobs(hidden, head, labels, temperature=0.6, chunk_tokens=chunk, entropy="grad")
+    expected_logp, expected_entropy = _reference(hidden, head.weight, labels, 0.6)
+    torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-5)
+    (logp.sum() + entropy.sum()).backward()  # recomputed chunks in backward: same gradient
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = head.weight.detach().double().requires_grad_()
+    ref_logp, ref_entropy = _reference(h64, w64, labels, 0.6)
+    (ref_logp.sum() + ref_entropy.sum()).backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+    plain, _ = chunked_logprobs(hidden.detach(), head, labels, temperature=1.0, chunk_tokens=chunk)
+    assert not torch.allclose(plain, logp.detach())  # the temperature is applied
+
+
+def test_entropy_is_detached_or_absent_unless_asked():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 20)
+    labels = torch.randint(0, 20, (4,))
+    logp, entropy = chunked_logprobs(hidden, head, labels, entropy="detached")
+    assert logp.requires_grad and not entropy.requires_grad
+    assert chunked_logprobs(hidden, head, labels)[1] is None
+    with torch.no_grad():
+        logp, entropy = chunked_logprobs(hidden, head, labels, entropy="grad")
+    assert not logp.requires_grad and not entropy.requires_grad
