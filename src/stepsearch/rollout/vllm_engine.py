@@ -114,12 +114,18 @@ def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: 
     check_head_size(AutoConfig.from_pretrained(model_path), model_path)
     on_cpu = _on_cpu()
     eager = on_cpu if config.vllm_enforce_eager is None else config.vllm_enforce_eager
+    scheduling = {}
+    if on_cpu:
+        # vLLM 0.32's CPU runner crashes when a seeded request's prefill is split over steps (it
+        # rewinds the request's generator offset, which CPU generators lack): prompts that do not fit
+        # a step's token budget wait for the next step instead of being chunked.
+        scheduling = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(8192, config.max_context_tokens)}
     set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide: restored below
     try:
         return vllm.LLM(model=str(model_path), tokenizer=str(model_path), dtype=str(dtype).removeprefix("torch."),
                         seed=seed, max_model_len=config.max_context_tokens, enable_prefix_caching=True,
                         logprobs_mode="processed_logprobs", enforce_eager=eager,
-                        **memory_arguments(config, on_cpu))
+                        **scheduling, **memory_arguments(config, on_cpu))
     except ValueError as error:  # vLLM's own memory checks (e.g. the share minus what it measured)
         if "memory" in str(error).lower():
             first = str(error).splitlines()[0]
