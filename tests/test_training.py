@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepsearch.models.policy import chunked_logprobs
+import stepsearch.models.policy as policy_module
 
 
 def _reference(hidden, weight, labels, temperature):
@@ -24,7 +24,8 @@ def test_chunked_logprobs_match_float64_full_softmax_with_temperature(chunk):
     with torch.no_grad():
         head.weight.copy_(torch.randn(50, 8, generator=g))
     labels = torch.randint(0, 50, (10,), generator=g)
-    logp, entropy = chunked_logprobs(hidden, head, labels, temperature=0.6, chunk_tokens=chunk, entropy="grad")
+    logp, entropy = policy_module.chunked_logprobs(hidden, head, labels, temperature=0.6, chunk_tokens=chunk,
+                                                   entropy="grad")
     expected_logp, expected_entropy = _reference(hidden, head.weight, labels, 0.6)
     torch.testing.assert_close(logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy.double(), expected_entropy, rtol=1e-5, atol=1e-5)
@@ -35,7 +36,7 @@ def test_chunked_logprobs_match_float64_full_softmax_with_temperature(chunk):
     (ref_logp.sum() + ref_entropy.sum()).backward()
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(head.weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
-    plain, _ = chunked_logprobs(hidden.detach(), head, labels, temperature=1.0, chunk_tokens=chunk)
+    plain, _ = policy_module.chunked_logprobs(hidden.detach(), head, labels, temperature=1.0, chunk_tokens=chunk)
     assert not torch.allclose(plain, logp.detach())  # the temperature is applied
 
 
@@ -43,9 +44,9 @@ def test_entropy_is_detached_or_absent_unless_asked():
     hidden = torch.randn(4, 8, requires_grad=True)
     head = torch.nn.Linear(8, 20)
     labels = torch.randint(0, 20, (4,))
-    logp, entropy = chunked_logprobs(hidden, head, labels, entropy="detached")
+    logp, entropy = policy_module.chunked_logprobs(hidden, head, labels, entropy="detached")
     assert logp.requires_grad and not entropy.requires_grad
-    assert chunked_logprobs(hidden, head, labels)[1] is None
+    assert policy_module.chunked_logprobs(hidden, head, labels)[1] is None
     with torch.no_grad():
-        logp, entropy = chunked_logprobs(hidden, head, labels, entropy="grad")
+        logp, entropy = policy_module.chunked_logprobs(hidden, head, labels, entropy="grad")
     assert not logp.requires_grad and not entropy.requires_grad
