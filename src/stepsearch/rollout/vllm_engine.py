@@ -206,10 +206,10 @@ class VLLMRolloutEngine(TurnLoopEngine):
 
     # --- generation ------------------------------------------------------------------------------
     def _begin(self, seed, greedy):
+        if self.config.vllm_sleep:  # wake before syncing: asleep, the weights are not on the device
+            self.llm.wake_up()
         if self.stale:
             self.sync_weights()
-        if self.config.vllm_sleep:
-            self.llm.wake_up()
         self._seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else int(seed)
         self._calls += 1
         self._turns: dict[int, int] = {}
