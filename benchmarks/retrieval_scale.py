@@ -424,6 +424,7 @@ def main() -> None:
     parser.add_argument("--pq-m", type=int, default=48, help="IVF-PQ bytes per vector in the size sweep")
     parser.add_argument("--budget-min", type=float, default=30, help="start no new size after this many minutes")
     parser.add_argument("--skip-bm25s", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the sizes already in the saved JSON")
     parser.add_argument("--skip-compressed", action="store_true", help="skip the sweep on the real vectors")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from the saved JSON")
     parser.add_argument("--compressed-only", action="store_true",
@@ -465,6 +466,8 @@ def main() -> None:
     results = {"meta": {"host": f"{os.cpu_count()} shared CPU cores, Python {platform.python_version()}, "
                                 f"{time.strftime('%Y-%m-%d')}", "seed": args.seed, "notes": []},
                "sizes": {}}
+    if args.keep and results_path.exists():  # add sizes to an earlier run's results
+        results = json.loads(results_path.read_text(encoding="utf-8"))
     if not args.skip_compressed:
         results["compressed_real"] = bench_compressed_real(encoded["passages"], encoded["queries"],
                                                            encoded["golden"], encoded["ids"])

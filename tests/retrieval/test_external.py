@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stepsearch.cli import main
+from training_fixtures import training_env  # noqa: F401  (fixture)
 from stepsearch.errors import RetrievalError
 from stepsearch.retrieval.dense import DenseRetriever
 from stepsearch.retrieval.docstore import DocStore
@@ -181,3 +182,58 @@ def test_prebuilt_style_lucene_folders(corpus, tmp_path, capsys):
     assert "does not store document text" in err
     with pytest.raises(RetrievalError, match="not a Lucene index"):
         attach_index(tmp_path / "x", lucene_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_fit_runs_on_indexes_built_elsewhere(training_env, search_r1_pair, tmp_path):
+    """`fit` (one PPO iteration) with ``data.retriever`` pointing at a bare Lucene folder, then at a
+    FAISS file + corpus JSONL: the datamodule's RetrieverConfig reaches them with no build step."""
+    import subprocess
+    import sys
+
+    from training_fixtures import python_env
+
+    faiss_file, corpus = search_r1_pair
+    common = ["fit", "--model.model.name_or_path", str(training_env.sft_dir), "--data.train", str(training_env.train),
+              "--data.val", str(training_env.val), "--data.batch_size", "2", "--data.max_val_examples", "2",
+              "--data.val_batch_size", "2", "--model.rollout.max_turns", "2", "--model.rollout.max_response_tokens", "16",
+              "--model.ppo.mini_batch_size", "2", "--model.ppo.micro_batch_size", "2",
+              "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    retrievers = {
+        "lucene": ["--data.retriever.kind", "bm25", "--data.retriever.index", str(training_env.index_dir / "lucene")],
+        "faiss": ["--data.retriever.kind", "dense", "--data.retriever.index", str(faiss_file),
+                  "--data.retriever.corpus", str(corpus), "--data.retriever.query_prefix", "query: "],
+    }
+    env = python_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for name, flags in retrievers.items():
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "stepsearch", *common, *flags,
+                               "--trainer.default_root_dir", str(run_dir / "root")],
+                              cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+    assert not any(p.name.startswith(".") for p in faiss_file.parent.iterdir() if p.is_dir())  # nothing built there
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64 << 20])
+def test_line_offsets_match_a_python_reference_across_block_edges(tmp_path, monkeypatch, block):
+    from stepsearch.retrieval import docstore
+
+    rows = ['{"id": "a", "contents": "\\"A\\"\\nx"}', "", '{"id": "b", "text": "é ü"}', "", "", '{"id": "c", "text": "z"}']
+    data = ("\n".join(rows) + "\r\n\n" + '{"id": "d", "text": "last, no newline"}').encode("utf-8")
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(data)
+    reference, position = [], 0
+    for line in data.split(b"\n"):
+        if line.strip():
+            reference.append(position)
+        position += len(line) + 1
+    monkeypatch.setattr(docstore, "OFFSETS_BLOCK", block)
+    starts = docstore.scan_line_starts(path)
+    assert starts.tolist() == reference
+    store = docstore.JsonlRowStore(path, starts)
+    assert [store.get(i).id for i in range(len(store))] == ["a", "b", "c", "d"]
+    assert (store.get(1).text, store.get(3).text) == ("é ü", "last, no newline")
