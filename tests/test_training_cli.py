@@ -127,23 +127,25 @@ def test_missing_policy_without_bootstrap_is_one_error_line(training_env, tmp_pa
     assert run.data.tags["error"].startswith("StepSearchError: model.model.name_or_path") and str(missing) in run.data.tags["error"]
 
 
-def test_unknown_algorithm_is_one_error_line(tmp_path):
-    proc = _run(["fit", "--model.ppo.algorithm", "reinforce", "--trainer.logger", "false", "--trainer.max_steps", "1"],
-                cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stdout + proc.stderr
-    (line,) = _error_lines(proc)
+def test_unknown_algorithm_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, text = run_in_process(["fit", "--model.ppo.algorithm", "reinforce", "--trainer.logger", "false",
+                                 "--trainer.max_steps", "1"], capsys, monkeypatch)
+    assert code == 2
+    assert "Traceback" not in text
+    (line,) = [line for line in text.splitlines() if line.startswith("error:")]
     assert "model.ppo.algorithm" in line and "'reinforce'" in line
 
 
-def test_bad_dataclass_value_in_the_config_is_one_error_line(tmp_path):
+def test_bad_dataclass_value_in_the_config_is_one_error_line(tmp_path, capsys, monkeypatch):
     """jsonargparse builds the config's dataclasses while parsing and wraps a validation error of
     ours in its own ValueErrors (a traceback, before the fix); the CLI reports ours in one line."""
-    proc = _run(["fit", "--config", str(QUICKSTART), "--model.bootstrap.warm_start.guess_fraction", "1.5",
-                 "--trainer.logger", "false", "--trainer.max_steps", "1"], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stdout + proc.stderr
-    (line,) = _error_lines(proc)
+    monkeypatch.chdir(tmp_path)
+    code, text = run_in_process(["fit", "--config", str(QUICKSTART), "--model.bootstrap.warm_start.guess_fraction",
+                                 "1.5", "--trainer.logger", "false", "--trainer.max_steps", "1"], capsys, monkeypatch)
+    assert code == 2
+    assert "Traceback" not in text
+    (line,) = [line for line in text.splitlines() if line.startswith("error:")]
     assert "warm_start.guess_fraction must be in [0, 1), got 1.5" in line
 
 
