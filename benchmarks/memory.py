@@ -7,8 +7,8 @@ and a per-GPU memory plan for the 3B/7B recipes by calculation.
 Measured: a small Qwen2 trunk (hidden 256, 2 layers, float32) with Qwen2.5's vocabulary (151,936,
 tied embeddings) on rows of a 2,048-token context, 25% of them policy tokens (the rest prompt and
 ``<information>``, as in real trajectories), temperature 0.6. "before" is the previous code path:
-``model(...).logits`` for every position, ``.float() / T`` (a second full copy), log-softmax and
-entropy over all positions; "after" is ``models.policy.TokenScorer``: hidden states at policy tokens
+``model(...).logits`` for every position, ``.float() / T`` (a second full copy), log-softmax over
+all positions (and, in the update, entropy over all positions); "after" is ``models.policy.TokenScorer``: hidden states at policy tokens
 only, LM head + log-softmax in chunks of 1,024 positions under activation checkpointing, entropy
 detached. Each cell runs in its own process; on CPU the number is the growth of peak RSS over the
 process after model construction (``ru_maxrss``), on CUDA ``max_memory_allocated`` growth.
@@ -63,7 +63,8 @@ def _cell(variant: str, phase: str, rows: int) -> dict:
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
             scaled = logits.float() / TEMPERATURE
             logp = core.logprobs_from_logits(scaled, ids[:, 1:])
-            entropy = core.masked_mean(core.entropy_from_logits(scaled), mask)
+            # the old scoring pass took no entropy; its update took it over every position
+            entropy = core.masked_mean(core.entropy_from_logits(scaled), mask) if grad else logp.new_zeros(())
         else:
             flat, ent, _ = scorer(ids, attn, mask, TEMPERATURE, entropy="detached")
             logp = scatter_rows(flat, mask)
