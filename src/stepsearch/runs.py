@@ -272,7 +272,6 @@ class PreemptionCallback(Callback):
         self.stopped: str | None = None
         self.checkpoint: Path | None = None
         self.interrupted = False
-        self.iteration = 0
         self._trainer = None
 
     def install(self) -> None:
@@ -299,7 +298,6 @@ class PreemptionCallback(Callback):
             pl_module.validation_pass("last")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.iteration = trainer.global_step
         # The iteration's metrics go to the loggers now, before any checkpoint of it is written
         # (Lightning would log them after this hook; its repeat is dropped by LogOnce).
         trainer._logger_connector.update_train_step_metrics()

@@ -195,8 +195,7 @@ class RunSession:
             return None
         from stepsearch.runs import find_last_checkpoint, mlflow_run
 
-        code = self.preemption.after_fit(self.trainer)
-        assert code == 130
+        self.preemption.after_fit(self.trainer)  # marks the MLflow run KILLED
         _, run_id = mlflow_run(self.trainer.logger)
         last = find_last_checkpoint(self.run_dir) if self.run_dir else None
         return (f"interrupted (Ctrl-C) in PPO iteration {self.trainer.global_step}"
@@ -299,7 +298,7 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
         if callback.filename is None:  # the PPO iteration in the name, e.g. iter-000006.ckpt
             callback.filename, callback.auto_insert_metric_name = runs.CHECKPOINT_NAME, False
         runs.name_checkpoints_by_iteration(callback)
-    if resume is not None and (record.get("mlflow") or {}).get("run_id"):
+    if resume is not None and record and (record.get("mlflow") or {}).get("run_id"):
         _attach_mlflow_run(trainer, cli, record, len(record.get("resumes", [])) + 1)
     for logger in trainer.loggers:
         if not isinstance(logger.log_metrics, runs.LogOnce):
@@ -388,21 +387,22 @@ class RunRecorder(Callback):
 
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         client, run_id = runs.mlflow_run(trainer.logger)
-        if self.resume is None:
+        # A resume from a checkpoint of no recorded run (copied from elsewhere) starts the record here.
+        record = runs.read_record(self.run_dir) if self.resume is not None else None
+        if record is None:
             mlflow = None
             if client is not None:
                 mlflow = {"run_id": run_id, "tracking_uri": trainer.logger._tracking_uri,
                           "experiment_id": client.get_run(run_id).info.experiment_id}
                 client.set_tag(run_id, "run_dir", str(self.run_dir.resolve()))
-            runs.write_record(self.run_dir, {"created": now, "mlflow": mlflow, "config": self.flat, "resumes": []})
-            return
-        record = runs.read_record(self.run_dir) or {"created": now, "mlflow": None, "config": self.flat, "resumes": []}
-        resumes = record.setdefault("resumes", [])
-        resumes.append({"time": now, "checkpoint": str(self.resume["checkpoint"]), "iteration": self.resume["iteration"],
-                        "config_changes": self.resume["changes"]})
-        record["config"] = self.flat  # the next resume compares with the settings now in force
+            record = {"created": now, "mlflow": mlflow, "config": self.flat, "resumes": []}
+        if self.resume is not None:
+            resumes = record["resumes"]
+            resumes.append({"time": now, "checkpoint": str(self.resume["checkpoint"]),
+                            "iteration": self.resume["iteration"], "config_changes": self.resume["changes"]})
+            record["config"] = self.flat  # the next resume compares with the settings now in force
+            tags = {"resume_count": len(resumes), "resumed_from": self.resume["checkpoint"]}
+            if self.resume["changes"]:
+                tags[f"config_changes_resume{len(resumes)}"] = "; ".join(self.resume["changes"])
+            runs.mark_run(trainer.logger, "RUNNING", tags)
         runs.write_record(self.run_dir, record)
-        tags = {"resume_count": len(resumes), "resumed_from": self.resume["checkpoint"]}
-        if self.resume["changes"]:
-            tags[f"config_changes_resume{len(resumes)}"] = "; ".join(self.resume["changes"])
-        runs.mark_run(trainer.logger, "RUNNING", tags)
