@@ -231,7 +231,8 @@ def test_slurm_script_requeues_on_sigusr1_and_the_requeued_job_resumes(root, uni
     """``experiments/slurm_fit.sh`` under a simulated SLURM job (``srun`` runs the command, a fake
     ``scontrol`` records its arguments): SLURM's warning signal (SIGUSR1, to the job step only, as
     ``--signal=USR1@300`` sends it) checkpoints, marks the run KILLED, requeues the job and exits
-    138; the requeued start (same command, ``--ckpt_path auto``) resumes and finishes the run."""
+    138. (The requeued start runs the same command, ``--ckpt_path auto``: resuming with it is
+    checked by the SIGTERM test.)"""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
@@ -253,12 +254,5 @@ def test_slurm_script_requeues_on_sigusr1_and_the_requeued_job_resumes(root, uni
     assert code == 128 + signal.SIGUSR1, text[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert any(line.startswith("stopped by SIGUSR1") and line.endswith("SLURM job requeued") for line in text.splitlines())
-    client, run = _run_of(root, "G")
+    _, run = _run_of(root, "G")
     assert run.info.status == "KILLED" and run.data.tags["stop_reason"] == "SIGUSR1"
-
-    requeued = subprocess.run(script, cwd=root, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True,
-                              text=True, timeout=600)
-    assert requeued.returncode == 0, requeued.stderr[-3000:]
-    client, again = _run_of(root, "G")
-    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert [s for s, _ in _history(client, run.info.run_id, "train/reward")] == list(range(STEPS))
