@@ -71,10 +71,10 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise StepSearchError(f"suite {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    for key, value in overrides.items():
-        if isinstance(value, dict):
+    for key, value in overrides.items():  # flags replace the suite's value; rollout overrides merge
+        if key == "rollout":
             raw[key] = {**(raw.get(key) or {}), **value}
-        elif value is not None:
+        elif value not in (None, {}):
             raw[key] = value
     suite = Suite(**raw)
     if isinstance(suite.models, list):
