@@ -392,6 +392,42 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_readme(results: dict) -> str:
+    """Two compact tables for the README: BM25 + the service, and FAISS flat vs IVF-PQ (21M extrapolated)."""
+    measured = sorted(int(s) for s in results["sizes"])
+    rows = ["| passages | BM25 build s | index GB | batch-512 q/s | p50 / p95 ms | golden R@10 | "
+            "serve q/s at 1 / 8 / 32 clients | p95 ms at 32 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def service(entry, key):
+        return " / ".join(_fmt(entry.get("server", {}).get(c, {}).get(key), 0) for c in ("1", "8", "32"))
+
+    for size in measured:
+        e = results["sizes"][str(size)]
+        b = e.get("bm25", {})
+        rows.append(f"| {size:,} | {_fmt(b.get('build_s'), 0)} | {_fmt(b.get('index_bytes'), 2, 1e9)} | "
+                    f"{_fmt(b.get('batch512_qps'), 0)} | {_fmt(b.get('p50_ms'))} / {_fmt(b.get('p95_ms'))} | "
+                    f"{_fmt(b.get('golden_recall10'), 3)} | {service(e, 'queries_per_s')} | "
+                    f"{_fmt(e.get('server', {}).get('32', {}).get('p95_ms'), 0)} |")
+    x = {k: extrapolate(*_series(results, ("bm25", k)), GROWTH[k]) for k in ("build_s", "index_bytes", "batch512_qps",
+                                                                              "p50_ms", "p95_ms")}
+    sx = [extrapolate(*_series(results, ("server", c, "queries_per_s")), -1.0) for c in ("1", "8", "32")]
+    px = extrapolate(*_series(results, ("server", "32", "p95_ms")), 1.0)
+    rows.append(f"| 21M *extrapolated* | {_fmt(x['build_s'], 0)} | {_fmt(x['index_bytes'], 2, 1e9)} | "
+                f"{_fmt(x['batch512_qps'], 0)} | {_fmt(x['p50_ms'])} / {_fmt(x['p95_ms'])} | – | "
+                f"{' / '.join(_fmt(v, 1) for v in sx)} | {_fmt(px, 0)} |")
+    rows += ["", "| passages | FAISS type | build s | memory MB | q/s | recall@10 vs flat | golden R@10 |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for size in measured:
+        for kind, r in results["sizes"][str(size)].get("faiss", {}).items():
+            rows.append(f"| {size:,} | {kind} | {_fmt(r['build_s'], 0)} | {_fmt(r['memory_bytes'], 0, 1e6)} | "
+                        f"{_fmt(r['qps'], 0)} | {r['recall10_vs_flat']:.3f} | {r['golden_recall10']:.3f} |")
+    for kind in ("flat", "ivf-pq"):
+        b, m = (extrapolate(*_series(results, ("faiss", kind, k)), 1.0) for k in ("build_s", "memory_bytes"))
+        q = extrapolate(*_series(results, ("faiss", kind, "qps")), QPS_GROWTH[kind])
+        rows.append(f"| 21M *extrapolated* | {kind} | {_fmt(b, 0)} | {_fmt(m, 0, 1e6)} | {_fmt(q, 1)} | – | – |")
+    return "\n".join(rows) + "\n"
+
+
 def render_plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -467,6 +503,7 @@ def main() -> None:
         if compressed_path.exists():
             results["compressed_real"] = json.loads(compressed_path.read_text(encoding="utf-8"))
         save()
+        print(render_readme(results))
         return
     # Import every module the run uses now: a run takes an hour, and a module edited meanwhile
     # must not be half-imported (one new, one old) when a later step first needs it.
