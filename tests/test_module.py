@@ -228,9 +228,13 @@ DDP_SCRIPT = textwrap.dedent('''
                                 batch_size=2, seed=0)
     from stepsearch.sharding import FSDP2Strategy
 
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy() if {strategy!r} == "fsdp" else "ddp",
-                        max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    fsdp = {strategy!r} == "fsdp"
+    # FSDP2: two iterations with a checkpoint between them (the checkpoint's state dict reshards the
+    # weights the first rollout gathered; the second rollout must gather them again).
+    checkpoints = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1)] if fsdp else []
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy() if fsdp else "ddp",
+                        max_steps=2 if fsdp else 1, logger=False, callbacks=checkpoints,
+                        enable_checkpointing=fsdp, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=out)
     trainer.fit(module, data)
     full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
@@ -255,7 +259,8 @@ def test_two_cpu_processes_fit_with_real_rollouts(training_env, tmp_path, strate
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["global_step"] for r in ranks] == [1, 1]
+    steps = 2 if strategy == "fsdp" else 1
+    assert [r["global_step"] for r in ranks] == [steps, steps]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["params"] == ranks[1]["params"]
     initial = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir)))

@@ -272,7 +272,7 @@ def _fsdp_modules(model: nn.Module) -> list:
 class FullWeightsForGeneration(nn.Module):
     """The policy for the rollout engine under FSDP2: the first forward of a rollout gathers every
     layer's full weights (one collective, on every rank at the same point) and keeps them until the
-    next scoring pass; decoding then issues no collectives, whatever each rank's number of steps."""
+    next scoring pass; decoding then issues no collectives, whatever each rank's number of steps."""  # noqa: D401
 
     def __init__(self, actor_critic):
         super().__init__()
@@ -292,16 +292,18 @@ class FullWeightsForGeneration(nn.Module):
 
     def forward(self, *args, **kwargs):
         ac = self.actor_critic
-        if not getattr(ac, "_generation_gathered", False):
-            layers = [m for m in _fsdp_modules(ac.policy)]
-            for m in layers:
-                m.set_reshard_after_forward(False, recurse=False)
-            # The root's lazy init must come first (it claims the layers as its children); unshard()
-            # does not run it, only a forward would, so call it (a private FSDP2 method, torch 2.4+).
-            ac.policy_scorer._get_fsdp_state()._lazy_init()
-            for m in [ac.policy_scorer] + layers:
-                m.unshard()
-            object.__setattr__(ac, "_generation_gathered", True)
+        layers = _fsdp_modules(ac.policy)
+        # The root's lazy init must come first (it claims the layers as its children); unshard()
+        # does not run it, only a forward would, so call it (a private FSDP2 method, torch 2.4+).
+        ac.policy_scorer._get_fsdp_state()._lazy_init()
+        # unshard() is a no-op (no collective) on gathered weights, so this costs nothing per decode
+        # step; it all-gathers again only when something (a checkpoint's state dict) resharded them in
+        # between, which happens on every rank alike, before its first decode step.
+        for m in layers:
+            m.set_reshard_after_forward(False, recurse=False)
+        for m in [ac.policy_scorer] + layers:
+            m.unshard()
+        object.__setattr__(ac, "_generation_gathered", True)
         return self.policy(*args, **kwargs)
 
 
