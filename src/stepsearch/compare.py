@@ -3,10 +3,10 @@
 ``compare`` selects runs (experiment names, run ids, and/or an MLflow filter string), groups them by
 a param or tag (``model.ppo.algorithm``, ``tag.algorithm``, ``model.rewards.step_rewards``), and for
 every validation metric (overall, per dataset, per hop; searches per question, reward, answer F1)
-and the training reward reports the **final** value (the run's last logged step) and the **best**
-(maximum over its history; for scores only) as mean ± sample standard deviation over the group's runs,
+and the training reward, answer F1 and searches reports the **final** value (the run's last logged step) and the **best**
+(maximum over its validations; for validation scores only) as mean ± sample standard deviation over the group's runs,
 with the number of runs. It prints the table, writes it as ``compare.md`` and ``compare.csv``, and
-draws ``compare.png``: validation EM and training reward against PPO iteration, one colour per group,
+draws ``compare.png``: validation EM, training reward and training answer F1 against PPO iteration, one colour per group,
 a thin line per run and a thick line for the group mean. Works on any tracking URI
 (``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; ``--tracking-uri`` overrides).
 
@@ -25,7 +25,9 @@ from pathlib import Path
 from stepsearch.errors import StepSearchError
 
 SCORE_SUFFIXES = ("/em", "/f1", "/answer_f1")
-CURVES = (("val/em", "validation EM (greedy)"), ("train/reward", "training reward (sampled, algorithm's own)"))
+CURVES = (("val/em", "validation EM (greedy)"), ("train/reward", "training reward (sampled, algorithm's own)"),
+          ("train/answer_f1", "training answer F1 (sampled, comparable)"))
+TRAIN_KEYS = ("train/reward", "train/answer_f1", "train/searches")
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -102,14 +104,15 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def metric_keys(runs) -> list[str]:
-    """Validation metrics (overall first, then per dataset and per hop) and the training reward."""
+    """Validation metrics (overall first, then per dataset and per hop), then the training reward,
+    answer F1 and searches."""
     keys = {k for run in runs for k in run.data.metrics if k.startswith("val/")}
 
     def order(key: str):
         depth = key.count("/")
         return (depth, "hops_" in key, key)
 
-    return sorted(keys, key=order) + (["train/reward"] if any("train/reward" in r.data.metrics for r in runs) else [])
+    return sorted(keys, key=order) + [k for k in TRAIN_KEYS if any(k in r.data.metrics for r in runs)]
 
 
 def histories(client, runs, keys) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -136,7 +139,8 @@ def summarize(groups: dict[str, list], curves: dict, keys: list[str]) -> list[di
             finals = [curves[r.info.run_id][key][-1][1] for r in runs if curves[r.info.run_id][key]]
             bests = [max(v for _, v in curves[r.info.run_id][key]) for r in runs if curves[r.info.run_id][key]]
             row["final"][name] = mean_std(finals) if finals else None
-            row["best"][name] = mean_std(bests) if bests and key.endswith(SCORE_SUFFIXES) else None
+            scored = key.startswith("val/") and key.endswith(SCORE_SUFFIXES)  # best of validations, not of noisy batches
+            row["best"][name] = mean_std(bests) if bests and scored else None
         rows.append(row)
     return rows
 
@@ -176,9 +180,11 @@ def plot_curves(groups: dict[str, list], curves: dict, path: Path, title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(11, 4.2), constrained_layout=True)
+    curves_drawn = [(key, label) for key, label in CURVES if any(curves[r.info.run_id].get(key) for g in groups.values() for r in g)]
+    fig, axes = plt.subplots(1, len(curves_drawn), figsize=(5.2 * len(curves_drawn), 4.2), constrained_layout=True,
+                             squeeze=False)
     colours = plt.get_cmap("tab10")
-    for ax, (key, label) in zip(axes, CURVES):
+    for ax, (key, label) in zip(axes[0], curves_drawn):
         for index, (name, runs) in enumerate(groups.items()):
             colour = colours(index % 10)
             by_step: dict[int, list[float]] = {}
