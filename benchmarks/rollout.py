@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", choices=("loop", "backends"), default="loop",
                         help="loop: HF engine vs per-sample generate (default); backends: HF vs vLLM engines")
     parser.add_argument("--memory-share", type=float, default=0.05, help="vLLM's share of RAM for its KV cache")
+    parser.add_argument("--repeats", type=int, default=3, help="--compare backends: runs per engine (best kept)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
