@@ -115,3 +115,16 @@ def test_no_java_trace_reaches_the_user(tmp_path):
     errors = [line for line in result.stderr.splitlines() if not line.startswith("WARNING: Using incubator")]
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: cannot open Lucene index") and "at org.apache" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--request-timeout", "0"], "error: --request-timeout must be > 0 seconds, got 0"),
+        (["--batch-wait-ms", "-1"], "error: --batch-wait-ms must be >= 0, got -1"),
+    ],
+)
+def test_serve_checks_limits_before_opening_the_index(tmp_path, capsys, extra, message):
+    # The index does not exist: the limit check must come first (it used to come after the open).
+    code, _out, err = run_cli(["serve", "--index", str(tmp_path / "missing"), *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

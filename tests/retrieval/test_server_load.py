@@ -72,24 +72,55 @@ class SlowRetriever:
         return self.inner.search(queries, k)
 
 
+class GatedRetriever:
+    """The real BM25 retriever, whose searches wait until ``gate`` is set (``entered`` marks the first)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def search(self, queries, k):
+        self.calls += 1
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.inner.search(queries, k)
+
+
+def _open_when(gated, condition, deadline_s=30.0):
+    """Set ``gated.gate`` from a watcher thread once ``condition()`` holds (or the deadline passes)."""
+
+    def watch():
+        deadline = time.monotonic() + deadline_s
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        gated.gate.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
 def test_full_queue_answers_503_with_retry_after(bm25_retriever):
-    slow = SlowRetriever(bm25_retriever, 0.8)  # long enough that all 16 arrive while the first is searched
+    gated = GatedRetriever(bm25_retriever)
     queries = ["Neil Peart", "Jeff Porcaro", "Mountrail County", "Van Hook Township"]
     expected = _ids(bm25_retriever.search(queries, 2))
-    with serve_in_thread(create_app(slow, max_queue=3, max_batch_queries=4)) as service:
-        barrier = threading.Barrier(16)
-
-        def post(_):
-            barrier.wait()
+    app = create_app(gated, max_queue=3, max_batch_queries=4)  # one 4-query request per round
+    batcher = app.state.batcher
+    with serve_in_thread(app) as service:
+        def post(_=None):
             return httpx.post(f"{service.url}/retrieve", json={"queries": queries, "topk": 2, "return_scores": True},
                               timeout=30)
 
         with ThreadPoolExecutor(16) as pool:
-            responses = list(pool.map(post, range(16)))
-    statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) == {200, 503}
-    # one request searching + at most 3 queued; at least that many are answered, the rest refused
-    assert 4 <= statuses.count(200) <= 10 and statuses.count(503) >= 6
+            first = pool.submit(post)
+            assert gated.entered.wait(30)  # the worker is searching the first request: the queue is empty
+            # The 15 others: 3 fill the queue, 12 are refused; the search ends only after all 12 refusals.
+            watcher = _open_when(gated, lambda: batcher.stats().rejected >= 12)
+            others = list(pool.map(post, range(15)))
+            responses = [first.result(), *others]
+        watcher.join(5)
+    statuses = [r.status_code for r in responses]
+    assert (statuses.count(200), statuses.count(503)) == (4, 12) and gated.calls == 4
     for response in responses:
         if response.status_code == 503:
             assert response.json()["detail"] == "search queue is full (3 requests waiting); retry later"
@@ -138,16 +169,18 @@ class PoisonRetriever:
     """Real BM25, except that one query makes the backend fail."""
 
     def __init__(self, inner):
-        self.inner = inner
+        self.inner, self.calls = inner, 0
 
     def search(self, queries, k):
+        self.calls += 1
         if "poison" in queries:
             raise RetrievalError("backend failed on this request")
         return self.inner.search(queries, k)
 
 
 def test_batcher_isolates_a_failing_request_and_refuses_when_full(bm25_retriever):
-    batcher = SearchBatcher(PoisonRetriever(bm25_retriever), max_queue=8, batch_wait_s=0.2)
+    poison = PoisonRetriever(bm25_retriever)
+    batcher = SearchBatcher(poison, max_queue=8, batch_wait_s=0.2)
     good = batcher.submit(["Neil Peart"], 1)
     bad = batcher.submit(["poison"], 1)
     other = batcher.submit(["Jeff Porcaro"], 1)
@@ -156,15 +189,61 @@ def test_batcher_isolates_a_failing_request_and_refuses_when_full(bm25_retriever
         bad.result(10)
     stats = batcher.stats()
     assert (stats.requests, stats.failed, stats.pending) == (2, 1, 0)
+    # One merged call for the three (it failed), then one call per request: merged, then isolated.
+    assert poison.calls == 4 and stats.batches == 2
     batcher.stop()
-    slow = SearchBatcher(SlowRetriever(bm25_retriever, 0.5), max_queue=1)
+    gated = GatedRetriever(bm25_retriever)
+    slow = SearchBatcher(gated, max_queue=1)
     first = slow.submit(["Toto"], 1)
-    time.sleep(0.1)  # the worker took it: the queue is empty again
+    assert gated.entered.wait(30)  # the worker took it: the queue is empty again
     second = slow.submit(["Toto"], 1)
     with pytest.raises(QueueFull, match=r"search queue is full \(1 requests waiting\)"):
         slow.submit(["Toto"], 1)
+    gated.gate.set()
     slow.stop(drain=True)
     assert first.result(0)[0][0].id == second.result(0)[0][0].id
+
+
+class WrongShapeRetriever:
+    """Real BM25, except that some queries get a wrong-shaped answer (a broken backend)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def search(self, queries, k):
+        hits = self.inner.search(queries, k)
+        if "short" in queries:
+            return hits[:-1]  # one hit list too few
+        if "unlistable" in queries:
+            return [None] * len(queries)  # fails while slicing the answer, outside the search call
+        return hits
+
+
+def test_batcher_survives_a_wrong_shaped_answer(bm25_retriever):
+    batcher = SearchBatcher(WrongShapeRetriever(bm25_retriever))
+    try:
+        with pytest.raises(RetrievalError, match=r"WrongShapeRetriever.search returned 1 hit lists for 2 queries"):
+            batcher.submit(["Neil Peart", "short"], 1).result(10)
+        with pytest.raises(TypeError):
+            batcher.submit(["unlistable"], 1).result(10)
+        # The worker is still alive and answers the next request.
+        assert batcher.submit(["Neil Peart"], 1).result(10)[0][0].title == "Neil Peart"
+        stats = batcher.stats()
+        assert (stats.failed, stats.requests, stats.pending) == (2, 1, 0)
+    finally:
+        batcher.stop()
+
+
+def test_health_reports_live_cache_counters(bm25_retriever):
+    from stepsearch.retrieval.cache import CachedRetriever
+
+    with serve_in_thread(create_app(CachedRetriever(bm25_retriever, max_size=16))) as service:
+        before = httpx.get(f"{service.url}/health").json()["cache"]
+        for _ in range(2):
+            assert httpx.post(f"{service.url}/retrieve", json={"queries": ["Toto"], "topk": 1}).status_code == 200
+        after = httpx.get(f"{service.url}/health").json()["cache"]
+    assert (before["hits"], before["misses"], before["size"]) == (0, 0, 0)
+    assert (after["hits"], after["misses"], after["size"]) == (1, 1, 1)
 
 
 def test_serve_command_health_and_sigterm(bm25_index, tmp_path):

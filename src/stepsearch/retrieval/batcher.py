@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from stepsearch.errors import RetrievalError
-from stepsearch.retrieval.base import Passage, Retriever
+from stepsearch.retrieval.base import Retriever
 
 _STOP = object()
 
@@ -121,10 +121,6 @@ class SearchBatcher:
         self._queue.put(request)
         return request.future
 
-    def search(self, queries: list[str], k: int, timeout_s: float = 30.0) -> list[list[Passage]]:
-        """Blocking :meth:`submit` (a Retriever-protocol front for threads)."""
-        return self.submit(queries, k, timeout_s).result(timeout=timeout_s + 1.0)
-
     def stats(self) -> BatcherStats:
         with self._lock:
             return BatcherStats(**{**self._stats.__dict__, "pending": self._pending})
@@ -174,7 +170,10 @@ class SearchBatcher:
             with self._lock:
                 self._pending -= len(round_)
             started = time.monotonic()
-            self._answer(round_)
+            try:
+                self._answer(round_)
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any round's failure
+                self._fail_round(round_, err)
             elapsed = time.monotonic() - started
             self._round_seconds = elapsed if not self._round_seconds else 0.8 * self._round_seconds + 0.2 * elapsed
 
@@ -204,6 +203,13 @@ class SearchBatcher:
                     for request in group:
                         self._answer_alone(request, k)
                 continue
+            if len(hits) != len(unique):
+                error = RetrievalError(f"{type(self.retriever).__name__}.search returned {len(hits)} hit lists "
+                                       f"for {len(unique)} queries")
+                for request in group:
+                    request.future.set_exception(error)
+                self._count(failed=len(group))
+                continue
             found = dict(zip(unique, hits))
             for request in group:
                 request.future.set_result([list(found[q]) for q in request.queries])
@@ -217,8 +223,23 @@ class SearchBatcher:
             request.future.set_exception(err)
             self._count(failed=1)
             return
+        if len(result) != len(request.queries):
+            request.future.set_exception(RetrievalError(
+                f"{type(self.retriever).__name__}.search returned {len(result)} hit lists "
+                f"for {len(request.queries)} queries"))
+            self._count(failed=1)
+            return
         request.future.set_result(result)
         self._count(requests=1, queries=len(request.queries), batches=1, searched_queries=len(request.queries))
+
+    def _fail_round(self, round_: list[_Request], error: Exception) -> None:
+        """Fail the round's unanswered futures with ``error`` (an unexpected bug, not a search failure)."""
+        for request in round_:
+            if request.future.done():
+                continue
+            if request.future.running() or request.future.set_running_or_notify_cancel():
+                request.future.set_exception(error)
+                self._count(failed=1)
 
     def _count(self, **increments: int) -> None:
         with self._lock:

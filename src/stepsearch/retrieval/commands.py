@@ -286,6 +286,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise StepSearchError(f"--port must be between 0 and 65535, got {args.port}")
+    # Checked before the (slow) index open: a typo must not cost a minute of loading.
+    if args.request_timeout <= 0:
+        raise StepSearchError(f"--request-timeout must be > 0 seconds, got {args.request_timeout:g}")
+    if args.batch_wait_ms < 0:
+        raise StepSearchError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms:g}")
     if args.corpus and args.docstore:
         raise StepSearchError("--corpus builds a BM25 index; --corpus-jsonl is a FAISS file's corpus: give one")
     kind = "bm25"
@@ -296,8 +301,6 @@ def run_serve(args: argparse.Namespace) -> int:
         threads=args.threads, cache_size=max(args.cache_size, 0), **dense_config_fields(args),
     )
     retriever = build_retriever(config)
-    if args.request_timeout <= 0 or args.batch_wait_ms < 0:
-        raise StepSearchError("--request-timeout must be > 0 and --batch-wait-ms >= 0")
     app = create_app(
         retriever, max_batch=args.max_batch, max_query_chars=args.max_query_chars,
         max_topk=args.max_topk, default_topk=args.topk, max_queue=args.max_queue,

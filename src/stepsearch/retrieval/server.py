@@ -85,7 +85,6 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None, **over
 
     app = FastAPI(title="stepsearch retrieval", description=__doc__, lifespan=lifespan)
     app.state.retriever, app.state.batcher, app.state.limits = retriever, batcher, limits
-    backend = describe_retriever(retriever)
 
     def reject(message: str, status: int, retry_after: int | None = None) -> JSONResponse:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
@@ -172,7 +171,7 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None, **over
         stats = batcher.stats()
         return {
             "status": "ok" if batcher.accepting else "stopping",
-            **backend,
+            **describe_retriever(retriever),  # per call: a cache's hit counters change
             "requests": stats.requests,
             "queue": {"pending": stats.pending, "max": limits.max_queue, "rejected": stats.rejected,
                       "expired": stats.expired, "failed": stats.failed},
