@@ -102,8 +102,14 @@ def _error_line(argv, capsys) -> str:
     return err
 
 
-def test_open_time_checks_are_one_line_each(search_r1_pair, encoder, tmp_path, capsys):
+def test_open_time_checks_are_one_line_each(search_r1_pair, encoder, tmp_path, capsys, monkeypatch):
     import faiss
+
+    from stepsearch.retrieval.docstore import JsonlRowStore
+
+    closed = []  # a failed open-time check closes the corpus store it opened
+    real_close = JsonlRowStore.close
+    monkeypatch.setattr(JsonlRowStore, "close", lambda store: (closed.append(store), real_close(store))[1])
 
     faiss_file, corpus = search_r1_pair
     rows = corpus.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -113,12 +119,14 @@ def test_open_time_checks_are_one_line_each(search_r1_pair, encoder, tmp_path, c
     with pytest.raises(RetrievalError, match=rf"FAISS index {faiss_file} holds {count} vectors but corpus {short} "
                                              rf"has {count - 1} rows: vector i must be row i of the same corpus"):
         DenseRetriever(faiss_file, corpus=short, encoder=encoder)
+    assert len(closed) == 1 and closed[0]._fd is None
     narrow = tmp_path / "narrow.index"
     small = faiss.IndexFlatIP(8)
     small.add(np.eye(8, dtype=np.float32)[np.arange(count) % 8])
     faiss.write_index(small, str(narrow))
     with pytest.raises(RetrievalError, match=r"gives 384-d vectors but FAISS index .*narrow.index holds 8-d vectors"):
         DenseRetriever(narrow, corpus=corpus, encoder=encoder)
+    assert len(closed) == 2  # also after the encoder was loaded
     with pytest.raises(RetrievalError, match="is a FAISS file: give its corpus JSONL too"):
         DenseRetriever(faiss_file, encoder=encoder)
     err = _error_line(["index", "build", "--faiss-file", str(faiss_file), "--corpus", str(short),
@@ -157,7 +165,7 @@ def _anserini_index(folder: Path, passages, *store_flags: str) -> Path:
     return folder
 
 
-def test_prebuilt_style_lucene_folders(corpus, tmp_path, capsys):
+def test_prebuilt_style_lucene_folders(corpus, tmp_path, capsys, monkeypatch):
     from stepsearch.retrieval.bm25 import BM25Retriever
 
     passages = corpus.passages[:200]
@@ -167,8 +175,13 @@ def test_prebuilt_style_lucene_folders(corpus, tmp_path, capsys):
     source = next(p for p in passages if p.id == hit.id)
     assert (hit.title, hit.text) == (source.title, source.text)  # text recovered from the raw JSON
     slim = _anserini_index(tmp_path / "slim", passages)
+    closed = []  # the failed check releases the Lucene reader it opened
+    real_close = BM25Retriever.close
+    monkeypatch.setattr(BM25Retriever, "close", lambda self: (closed.append(self._searcher), real_close(self))[1])
     with pytest.raises(RetrievalError, match=r"does not store document text \(no 'contents' or 'raw' field\)"):
         BM25Retriever(slim)
+    assert len(closed) == 1 and closed[0] is not None
+    monkeypatch.undo()
     with pytest.raises(SystemExit) as info:
         main(["index", "build", "--lucene-dir", str(raw_only), "--index", str(tmp_path / "attached"), "--quiet"])
     assert info.value.code == 0 and "bm25 index attached" in capsys.readouterr().out

@@ -118,18 +118,20 @@ class BM25Retriever:
                 stored = _document_contents(first) is not None
         except JavaException as err:
             raise RetrievalError(f"cannot open Lucene index {lucene_dir}: {java_error_message(err)}") from None
+        problem = None
         if self.num_docs == 0:
-            raise RetrievalError(f"Lucene index {lucene_dir} holds no documents; index a corpus into it first")
-        if not stored:
-            raise RetrievalError(
+            problem = f"Lucene index {lucene_dir} holds no documents; index a corpus into it first"
+        elif not stored:
+            problem = (
                 f"Lucene index {lucene_dir} does not store document text (no 'contents' or 'raw' field): "
                 "rebuild it with -storeContents or -storeRaw (e.g. the full, not the slim, Pyserini prebuilt index)"
             )
-        if self.meta.count >= 0 and self.meta.count != self.num_docs:
-            raise RetrievalError(
-                f"Lucene index {lucene_dir} holds {self.num_docs} documents but its metadata says "
-                f"{self.meta.count}; rebuild the index"
-            )
+        elif self.meta.count >= 0 and self.meta.count != self.num_docs:
+            problem = (f"Lucene index {lucene_dir} holds {self.num_docs} documents but its metadata says "
+                       f"{self.meta.count}; rebuild the index")
+        if problem is not None:
+            self.close()  # the caller never gets this object: release the Lucene reader now
+            raise RetrievalError(problem)
         self._java = java
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:

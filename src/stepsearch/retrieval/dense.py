@@ -197,31 +197,36 @@ class DenseRetriever:
         else:
             self._store = DocStore(self.index_dir)
             what = f"its passage store has {len(self._store)} passages"
-        if len(self._store) != self._index.ntotal:
-            raise RetrievalError(f"FAISS index {faiss_path} holds {self._index.ntotal} vectors but {what}: "
-                                 "vector i must be row i of the same corpus")
-        self.encoder = _load_encoder(encoder or self.meta.encoder, max_length or self.meta.max_length or 256,
-                                     pooling or self.meta.pooling or "mean", device)
-        if self.encoder.dim != self._index.d:
-            raise RetrievalError(
-                f"encoder {self.encoder.name!r} gives {self.encoder.dim}-d vectors but FAISS index {faiss_path} holds "
-                f"{self._index.d}-d vectors: use the encoder the index was built with (retriever.encoder / --encoder)"
-            )
-        self.query_prefix = self.meta.query_prefix if query_prefix is None else query_prefix
-        self.threads, self.batch_size = int(threads), int(batch_size)
-        self.num_docs = int(self._index.ntotal)
-        self.faiss_path, self.mmap, self.gpu = faiss_path, bool(mmap), bool(faiss_gpu)
-        self._facts = describe_index(self._index)
-        rerank_path = self.index_dir / RERANK_FILE
-        self._rerank = None
-        if rerank_path.is_file() and rerank_candidates != 0:
-            self._rerank = np.load(rerank_path, mmap_mode="r")
-            if self._rerank.shape != (self.num_docs, self._index.d):
-                raise RetrievalError(f"{rerank_path} holds {self._rerank.shape} vectors, not ({self.num_docs}, "
-                                     f"{self._index.d}): rebuild the index")
-            self._facts["rerank_candidates"] = int(rerank_candidates or 100)
-        if faiss_gpu:
-            self._index = to_gpu(self._index)
+        try:  # a failed check must not leave the passage store open
+            if len(self._store) != self._index.ntotal:
+                raise RetrievalError(f"FAISS index {faiss_path} holds {self._index.ntotal} vectors but {what}: "
+                                     "vector i must be row i of the same corpus")
+            self.encoder = _load_encoder(encoder or self.meta.encoder, max_length or self.meta.max_length or 256,
+                                         pooling or self.meta.pooling or "mean", device)
+            if self.encoder.dim != self._index.d:
+                raise RetrievalError(
+                    f"encoder {self.encoder.name!r} gives {self.encoder.dim}-d vectors but FAISS index {faiss_path} "
+                    f"holds {self._index.d}-d vectors: use the encoder the index was built with "
+                    "(retriever.encoder / --encoder)"
+                )
+            self.query_prefix = self.meta.query_prefix if query_prefix is None else query_prefix
+            self.threads, self.batch_size = int(threads), int(batch_size)
+            self.num_docs = int(self._index.ntotal)
+            self.faiss_path, self.mmap, self.gpu = faiss_path, bool(mmap), bool(faiss_gpu)
+            self._facts = describe_index(self._index)
+            rerank_path = self.index_dir / RERANK_FILE
+            self._rerank = None
+            if rerank_path.is_file() and rerank_candidates != 0:
+                self._rerank = np.load(rerank_path, mmap_mode="r")
+                if self._rerank.shape != (self.num_docs, self._index.d):
+                    raise RetrievalError(f"{rerank_path} holds {self._rerank.shape} vectors, not ({self.num_docs}, "
+                                         f"{self._index.d}): rebuild the index")
+                self._facts["rerank_candidates"] = int(rerank_candidates or 100)
+            if faiss_gpu:
+                self._index = to_gpu(self._index)
+        except BaseException:
+            self._store.close()
+            raise
         faiss.omp_set_num_threads(self.threads)
 
     def search(self, queries: list[str], k: int) -> list[list[Passage]]:
