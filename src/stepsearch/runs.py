@@ -159,13 +159,29 @@ def file_digest(path) -> str:
     return digest.hexdigest()
 
 
-def check_fingerprint(out_dir, settings: dict, what: str, setting: str) -> bool:
+def read_fingerprint(path) -> dict:
+    """The stored fingerprint record at ``path`` (``fingerprint`` and ``settings``); one-line error if corrupt."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StepSearchError(f"{path}: unreadable fingerprint ({type(err).__name__}: {err}); "
+                              "delete the file (and its artefact) to rebuild") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings", {}), dict) \
+            or not isinstance(record.get("fingerprint"), str):
+        raise StepSearchError(f"{path}: not a fingerprint record (needs a string 'fingerprint' and a 'settings' "
+                              "object); delete the file (and its artefact) to rebuild")
+    return record
+
+
+def check_fingerprint(out_dir, settings: dict, what: str, setting: str, upgrade=None) -> bool:
     """Whether ``out_dir`` holds an artefact made by exactly ``settings`` (then reuse it).
 
     ``False`` when ``out_dir`` holds no artefact yet (make it, then :func:`write_fingerprint`).
     Raises a one-line :class:`StepSearchError` naming the changed settings when it was made by other
     settings, or by unknown ones (no fingerprint beside it): reusing it would make the run record
-    lie, and deleting it silently could destroy another run's input.
+    lie, and deleting it silently could destroy another run's input. ``upgrade`` maps stored
+    settings written by an older version onto today's form (e.g. fields dropped since) before comparing.
     """
     out = Path(out_dir)
     if not (out / "config.json").exists():
@@ -174,7 +190,9 @@ def check_fingerprint(out_dir, settings: dict, what: str, setting: str) -> bool:
     if not stored_path.exists():
         raise StepSearchError(f"{setting}: {out} holds a {what} made by unknown settings (no {FINGERPRINT_FILE}); "
                               f"delete it to rebuild, or point {setting} at a new directory")
-    stored = json.loads(stored_path.read_text()).get("settings", {})
+    stored = read_fingerprint(stored_path).get("settings", {})
+    if upgrade is not None:
+        stored = upgrade(stored)
     if fingerprint(stored) == fingerprint(settings):
         return True
     old, new = flat_config(stored), flat_config(settings)

@@ -296,6 +296,12 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
 # Rollout settings that shape a demonstration's tokens (sampling settings do not: it is scripted).
 DEMONSTRATION_ROLLOUT_FIELDS = ("template", "max_turns", "max_response_tokens", "max_observation_tokens",
                                 "max_context_tokens", "top_k", "use_chat_template")
+# Retriever settings that change which passages fill demonstrations (threads, cache, HTTP timeouts and
+# retries, mmap, faiss_gpu only change how fast or how robustly the same passages come back). The index
+# build fields count: with `corpus` set and no index yet, the index is built here from them.
+DEMONSTRATION_RETRIEVER_FIELDS = ("kind", "index", "url", "corpus", "encoder", "query_prefix", "passage_prefix",
+                                  "pooling", "bm25_k1", "bm25_b", "faiss_index", "faiss_nlist", "faiss_pq_m",
+                                  "faiss_rerank", "rerank_candidates", "nprobe", "ef_search")
 
 
 def tiny_fingerprint_settings(tiny: TinyModelSettings) -> dict:
@@ -314,16 +320,30 @@ def warm_start_fingerprint_settings(warm: WarmStartSettings, base: str, rollout_
     settings that shape demonstrations, and the retriever that fills their observations."""
     import dataclasses
 
-    from stepsearch.runs import FINGERPRINT_FILE, file_digest
+    from stepsearch.runs import FINGERPRINT_FILE, file_digest, read_fingerprint
 
     base_print = Path(base) / FINGERPRINT_FILE
     settings = {k: v for k, v in dataclasses.asdict(warm).items() if k != "data"}
     settings["data"] = {str(f): file_digest(f) for f in warm.data}
-    settings["base"] = json.loads(base_print.read_text())["fingerprint"] if base_print.exists() else str(base)
+    settings["base"] = read_fingerprint(base_print)["fingerprint"] if base_print.exists() else str(base)
     settings["rollout"] = {k: getattr(rollout_config, k, None) for k in DEMONSTRATION_ROLLOUT_FIELDS}
     retriever = datamodule.resolved_retriever_config() if hasattr(datamodule, "resolved_retriever_config") else None
-    settings["retriever"] = dataclasses.asdict(retriever) if dataclasses.is_dataclass(retriever) else str(retriever)
+    settings["retriever"] = (demonstration_retriever_settings(dataclasses.asdict(retriever))
+                             if dataclasses.is_dataclass(retriever) else str(retriever))
     return settings
+
+
+def demonstration_retriever_settings(retriever: dict) -> dict:
+    """The fields of a retriever config (as a dict) that shape demonstrations."""
+    return {k: retriever.get(k) for k in DEMONSTRATION_RETRIEVER_FIELDS}
+
+
+def upgrade_warm_start_settings(stored: dict) -> dict:
+    """A warm-start fingerprint written before the retriever whitelist (the whole config) in today's form."""
+    retriever = stored.get("retriever")
+    if isinstance(retriever, dict):
+        return {**stored, "retriever": demonstration_retriever_settings(retriever)}
+    return stored
 
 
 def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config, datamodule) -> None:
@@ -361,7 +381,8 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
             if base is None:
                 raise StepSearchError("bootstrap.warm_start needs `base` (or bootstrap.tiny) to start from")
             warm_settings = warm_start_fingerprint_settings(warm, base, rollout_config, datamodule)
-            if not check_fingerprint(policy_path, warm_settings, "warm-started policy", "model.model.name_or_path"):
+            if not check_fingerprint(policy_path, warm_settings, "warm-started policy", "model.model.name_or_path",
+                                     upgrade=upgrade_warm_start_settings):
                 examples = [ex for path in warm.data for ex in load_examples(path)]
                 run_warm_start(base, policy_path, examples, datamodule.retriever, rollout_config, warm)
                 write_fingerprint(policy_path, warm_settings, "warm-started policy")
