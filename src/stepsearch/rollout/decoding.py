@@ -175,8 +175,11 @@ class DecodeSession:
 
     def __init__(self, forward: ForwardAdapter, stop_rule: StopRule, *, pad_id: int, device,
                  greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, logprobs: bool = False):
         self.forward, self.stop_rule, self.pad_id, self.device = forward, stop_rule, pad_id, device
+        # Per-token log-probs cost a full-vocabulary float log-softmax per step: only when asked
+        # (truncated IS, ``RolloutConfig.tis_cap``); otherwise ``TurnOutput.logprobs`` is None.
+        self.logprobs = logprobs
         self.greedy, self.temperature, self.top_p, self.generator = greedy, temperature, top_p, generator
         self.cache = None
         self.attention: torch.Tensor | None = None  # [slots, columns] 1 on real tokens
@@ -215,13 +218,17 @@ class DecodeSession:
         while True:
             step_logits = logits.index_select(0, torch.tensor(running, device=logits.device))
             tokens = sample_next(step_logits, self.greedy, self.temperature, self.top_p, self.generator)
-            step_logprobs = sampled_logprobs(step_logits, tokens, logprob_temperature)
-            # One device sync per step: ids (< 2**53) travel exactly as float64 beside the log-probs.
-            token_values, logprob_list = torch.stack([tokens.double(), step_logprobs.double()]).tolist()
-            token_list = [int(token) for token in token_values]
-            for slot, token, logprob in zip(running, token_list, logprob_list):
+            if self.logprobs:
+                step_logprobs = sampled_logprobs(step_logits, tokens, logprob_temperature)
+                # One device sync per step: ids (< 2**53) travel exactly as float64 beside the log-probs.
+                token_values, logprob_list = torch.stack([tokens.double(), step_logprobs.double()]).tolist()
+                token_list = [int(token) for token in token_values]
+                for slot, logprob in zip(running, logprob_list):
+                    logprobs[self.keys[slot]].append(logprob)
+            else:
+                token_list = tokens.tolist()
+            for slot, token in zip(running, token_list):
                 generated[self.keys[slot]].append(token)
-                logprobs[self.keys[slot]].append(logprob)
             reasons = self.stop_rule.classify(tokens, [generated[self.keys[slot]] for slot in running])
             still, fed_tokens, finished = [], [], []
             for slot, token, reason in zip(running, token_list, reasons):
@@ -231,7 +238,7 @@ class DecodeSession:
                     still.append(slot)
                     fed_tokens.append(token)
                 else:
-                    results[key] = TurnOutput(generated[key], reason, logprobs[key])
+                    results[key] = TurnOutput(generated[key], reason, logprobs[key] if self.logprobs else None)
                     if reason == "eos":
                         finished.append(slot)
             if not still:

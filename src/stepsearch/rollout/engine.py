@@ -452,7 +452,8 @@ class HFRolloutEngine(TurnLoopEngine):
         generator.manual_seed(seed) if seed is not None else generator.seed()
         cfg = self.config
         self._session = DecodeSession(self._forward, self._stop, pad_id=self.pad_id, device=device, greedy=greedy,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+                                      temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+                                      logprobs=cfg.tis_cap is not None)
         return generator
 
     def _end(self):
