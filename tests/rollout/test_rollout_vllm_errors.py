@@ -29,7 +29,10 @@ def test_vllm_missing_is_one_line(monkeypatch):
 
 def test_head_size_the_cpu_backend_rejects():
     pytest.importorskip("vllm", reason="vLLM is not installed")
-    from stepsearch.rollout.vllm_engine import check_head_size
+    from stepsearch.rollout.vllm_engine import _on_cpu, check_head_size
+
+    if not _on_cpu():
+        pytest.skip("vLLM's platform is not CPU: the head-size limit is the CPU attention backend's")
 
     tiny_default = SimpleNamespace(hidden_size=64, num_attention_heads=4, head_dim=None)
     with pytest.raises(StepSearchError, match=r"runs/x: head size 16 .* not supported by vLLM's CPU attention"):

@@ -217,8 +217,16 @@ class TurnLoopEngine:
 
     def _run_independent_turns(self, rows: list[_Row], greedy: bool, timing: dict) -> None:
         """Each row its own turn loop; searches go to the retrieval queue while other rows decode."""
+        # A fresh queue per generate: after a failed one, the old queue may still hold its searches
+        # (keyed by row numbers this call reuses) and a pending error; closing it ends its worker.
+        queue = RetrievalQueue(self.retriever, self.config.top_k)
+        try:
+            self._independent_turn_loop(rows, greedy, timing, queue)
+        finally:
+            queue.close()
+
+    def _independent_turn_loop(self, rows: list[_Row], greedy: bool, timing: dict, queue: RetrievalQueue) -> None:
         cfg = self.config
-        queue = self._retrieval_queue()
         decoding, searching = 0, 0
 
         def start_turn(key: int) -> None:
@@ -262,12 +270,6 @@ class TurnLoopEngine:
                 start_turn(key)
         timing["turns"] = float(max((row.record.num_turns for row in rows), default=0))
         timing["retrieval_s"], timing["retrieval_calls"] = queue.busy_s, float(queue.calls)
-
-    def _retrieval_queue(self) -> RetrievalQueue:
-        if getattr(self, "_queue", None) is None:
-            self._queue = RetrievalQueue(self.retriever, self.config.top_k)
-        self._queue.reset_counters()
-        return self._queue
 
     def _record_search(self, row: _Row, passages: list[Passage], turn: int) -> None:
         row.record.steps.append(SearchStep(

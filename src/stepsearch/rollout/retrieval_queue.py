@@ -33,13 +33,20 @@ class RetrievalQueue:
         self._found: list[tuple[int, list[Passage]]] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.calls, self.busy_s = 0, 0.0
 
-    def reset_counters(self) -> None:
-        self.calls, self.busy_s = 0, 0.0
+    def close(self) -> None:
+        """Drop what is waiting and end the worker (after the search it is running, whose result is dropped)."""
+        with self._cond:
+            self._closed = True
+            self._waiting = []
+            self._cond.notify_all()
 
     def put(self, key: int, query: str) -> None:
         with self._cond:
+            if self._closed:
+                raise RuntimeError("the retrieval queue is closed")
             self._waiting.append((key, query))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="stepsearch-retrieval", daemon=True)
@@ -60,8 +67,10 @@ class RetrievalQueue:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting:
+                while not self._waiting and not self._closed:
                     self._cond.wait()
+                if self._closed:
+                    return
                 batch, self._waiting = self._waiting, []
             start = time.perf_counter()
             try:

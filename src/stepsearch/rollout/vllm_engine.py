@@ -230,8 +230,19 @@ class VLLMRolloutEngine(TurnLoopEngine):
         return None
 
     def _end(self):
+        self._abort_in_flight()
         if self.config.vllm_sleep:
             self.llm.sleep(level=1)
+
+    def _abort_in_flight(self) -> None:
+        """After a failed generate, drop the requests still in vLLM: the next ``LLM.generate`` steps the
+        engine until nothing is unfinished and would return their outputs mixed with its own."""
+        engine = self.llm.llm_engine
+        requests, self._requests = getattr(self, "_requests", {}), {}
+        if requests:  # ours, submitted by _submit (external ids, as outputs carry them)
+            engine.abort_request(list(requests), internal=False)
+        if engine.has_unfinished_requests():  # e.g. an interrupted LLM.generate: its ids are vLLM's own
+            engine.abort_request(list(engine.output_processor.request_states), internal=True)
 
     def _params(self, key: int, limit: int, greedy: bool):
         from vllm import SamplingParams
