@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     from stepsearch.retrieval.index import build_index
 
     console = Console()
-    work = Path(tempfile.mkdtemp(prefix="stepsearch_bench_"))
+    work_dir = tempfile.TemporaryDirectory(prefix="stepsearch_bench_")  # removed when done (or at exit)
+    work = Path(work_dir.name)
     corpus = work / "corpus.jsonl"
     with (SHARED / "corpus" / "multihop_passages.jsonl").open(encoding="utf-8") as src:
         corpus.write_text("".join(islice(src, 1000)), encoding="utf-8")
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                          prefill=roof, bare=bare, context=context, tokens=int(fast.timing["tokens_generated"]),
                          turns=int(fast.timing["turns"])))
     retriever.close()
+    work_dir.cleanup()
 
     params = sum(p.numel() for p in model.parameters())
     title = (f"rollout tokens/s — {args.size if not args.model else args.model} model ({params / 1e6:.2f} M params), "
@@ -199,12 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(*line)
     console.print(table)
     if args.markdown:
-        print(f"\n**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---:|" * len(header))
-        for line in cells:
-            print("| " + " | ".join(line) + " |")
+        print_markdown(title, header, cells)
     return 0
+
+
+def print_markdown(title: str, header, cells, left_columns: int = 0) -> None:
+    """The table as Markdown (for the README): the first ``left_columns`` columns left-aligned."""
+    print(f"\n**{title}**\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * left_columns + "---:|" * (len(header) - left_columns))
+    for line in cells:
+        print("| " + " | ".join(line) + " |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """``benchmarks/rollout.py --compare backends``: Hugging Face vs vLLM rollout engines on the quickstart
-world (see ``rollout.py``'s docstring). Builds everything in a temporary directory: the quickstart
+world (see ``rollout.py``'s docstring). Builds everything in a temporary directory (removed at the end): the quickstart
 world, its BM25 index, a tiny Qwen2 with head size 64 (hidden 128, 2 heads, 2 layers), warm-started
 on golden 1-2-hop demonstrations so that it searches and answers, then times the engines."""
 
@@ -47,9 +47,11 @@ def compare_backends(args) -> int:
     from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
     from stepsearch.rollout.vllm_engine import VLLMRolloutEngine, build_llm
 
+    from rollout import print_markdown
+
     console = Console()
-    work = Path(tempfile.mkdtemp(prefix="stepsearch_bench_backends_"))
-    sft, retriever, questions = build(work, console)
+    work_dir = tempfile.TemporaryDirectory(prefix="stepsearch_bench_backends_")  # removed when done (or at exit)
+    sft, retriever, questions = build(Path(work_dir.name), console)
     model, tokenizer = load_policy(sft, device="cpu")
     config = RolloutConfig(**ROLLOUT, vllm_memory_share=args.memory_share)
     sync_config = RolloutConfig(**ROLLOUT, vllm_memory_share=args.memory_share, independent_turns=False)
@@ -82,7 +84,7 @@ def compare_backends(args) -> int:
                 end_to_end=timing["tokens_generated"] / max(timing["wall_s"], 1e-9), wall=timing["wall_s"],
                 wait=timing["retrieval_wait_s"] / max(timing["wall_s"], 1e-9),
                 searches=sum(len(r.steps) for r in out.records), calls=int(timing["retrieval_calls"]),
-                em=sum(r.answer is not None for r in out.records) / batch,
+                answered=sum(r.answer is not None for r in out.records) / batch,  # share with an answer, not EM
             ))
             console.print(f"batch {batch:>3}  {name:<32} {rows[-1]['end_to_end']:8,.0f} tok/s  wall {rows[-1]['wall']:.1f} s")
     retriever.close()
@@ -94,7 +96,8 @@ def compare_backends(args) -> int:
     header = ("engine", "batch", "generated", "tok/s (generation time)", "tok/s (wall)", "wall s",
               "waiting on retrieval", "searches", "retriever calls", "answered")
     cells = [(r["engine"], str(r["batch"]), str(r["tokens"]), f"{r['decode']:,.0f}", f"{r['end_to_end']:,.0f}",
-              f"{r['wall']:.1f}", f"{100 * r['wait']:.1f}%", str(r["searches"]), str(r["calls"]), f"{r['em']:.2f}")
+              f"{r['wall']:.1f}", f"{100 * r['wait']:.1f}%", str(r["searches"]), str(r["calls"]),
+              f"{r['answered']:.2f}")
              for r in rows]
     table = Table(title=title)
     for name in header:
@@ -103,9 +106,7 @@ def compare_backends(args) -> int:
         table.add_row(*line)
     console.print(table)
     if args.markdown:
-        print(f"\n**{title}**\n")
-        print("| " + " | ".join(header) + " |")
-        print("|---|" + "---:|" * (len(header) - 1))
-        for line in cells:
-            print("| " + " | ".join(line) + " |")
+        print_markdown(title, header, cells, left_columns=1)
+    del llm, engines  # vLLM's engine before its model directory goes
+    work_dir.cleanup()
     return 0

@@ -20,10 +20,18 @@ import torch
 from torch import Tensor
 
 
+def rollout_ratio(old_logp: Tensor, rollout_logp: Tensor) -> Tensor:
+    """``[B, T]`` ``π_old / π_rollout = exp(old − rollout)`` in float32 (exponent clamped at 20: no inf)."""
+    return torch.exp((old_logp.float() - rollout_logp.float()).clamp(max=20.0))
+
+
+def _truncate(ratio: Tensor, mask: Tensor, cap: float) -> Tensor:
+    return torch.where(mask.bool(), ratio.clamp(max=cap), torch.ones_like(ratio))
+
+
 def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
     """``[B, T]`` weights ``min(exp(old − rollout), cap)`` on ``mask`` tokens, 1 elsewhere."""
-    ratio = torch.exp((old_logp.float() - rollout_logp.float()).clamp(max=20.0)).clamp(max=cap)
-    return torch.where(mask.bool(), ratio, torch.ones_like(ratio))
+    return _truncate(rollout_ratio(old_logp, rollout_logp), mask, cap)
 
 
 def apply_truncated_is(batch, reduce_sum=lambda t: t) -> dict[str, float]:
@@ -32,9 +40,9 @@ def apply_truncated_is(batch, reduce_sum=lambda t: t) -> dict[str, float]:
     truncated tokens."""
     mask = batch.policy_mask
     rollout_logp = batch.extras["rollout_logp"].to(batch.old_logp.device)
-    weights = truncated_is_weights(batch.old_logp, rollout_logp, mask, batch.extras["tis_cap"])
+    ratio = rollout_ratio(batch.old_logp, rollout_logp)
+    weights = _truncate(ratio, mask, batch.extras["tis_cap"])
     batch.advantages = batch.advantages * weights
-    ratio = torch.exp((batch.old_logp.float() - rollout_logp.float()).clamp(max=20.0))
     sums = reduce_sum(torch.stack([(weights * mask).sum(), ((ratio > batch.extras["tis_cap"]) & mask.bool()).sum(),
                                    mask.sum()]).float())
     count = sums[2].clamp_min(1)
