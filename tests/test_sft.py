@@ -9,6 +9,7 @@ from training_fixtures import _one_thread, rollout_config, training_env  # noqa:
 
 from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
 from stepsearch.errors import StepSearchError
+from stepsearch.runs import write_fingerprint
 from stepsearch.sft import (
     BootstrapSettings,
     Demonstration,
@@ -20,7 +21,9 @@ from stepsearch.sft import (
     run_bootstrap,
     run_warm_start,
     sft_loss,
+    tiny_fingerprint_settings,
     train_sft,
+    warm_start_fingerprint_settings,
 )
 
 
@@ -224,9 +227,24 @@ def test_bootstrap_is_idempotent(training_env):
     watched = [training_env.tiny_dir / "config.json", training_env.sft_dir / "config.json",
                training_env.sft_dir / "model.safetensors"]
     stamps = [p.stat().st_mtime_ns for p in watched]
-    settings = BootstrapSettings(tiny=TinyModelSettings(out_dir=str(training_env.tiny_dir), corpus_files=[]),
-                                 warm_start=WarmStartSettings(data=[str(training_env.train)]))
+    tiny = TinyModelSettings(out_dir=str(training_env.tiny_dir), corpus_files=[])
+    warm = WarmStartSettings(data=[str(training_env.train)])
+    settings = BootstrapSettings(tiny=tiny, warm_start=warm)
+    # The session's artefacts were made directly (not by a bootstrap): without a fingerprint beside
+    # them the bootstrap refuses to reuse them, as it must for a directory of unknown origin.
+    with pytest.raises(StepSearchError, match="made by unknown settings"):
+        run_bootstrap(settings, str(training_env.sft_dir), rollout_config(), datamodule=None)
+    # Stamped with the settings that (here, by declaration) made them, they are reused as they are.
+    write_fingerprint(training_env.tiny_dir, tiny_fingerprint_settings(tiny), "tiny model")
+    write_fingerprint(training_env.sft_dir, warm_start_fingerprint_settings(warm, str(training_env.tiny_dir),
+                                                                            rollout_config(), None), "warm-started policy")
     run_bootstrap(settings, str(training_env.sft_dir), rollout_config(), datamodule=None)  # nothing to redo
+    assert [p.stat().st_mtime_ns for p in watched] == stamps
+    # Another setting for the same directory is refused in one line naming the field, never reused.
+    changed = BootstrapSettings(tiny=TinyModelSettings(out_dir=str(training_env.tiny_dir), corpus_files=[],
+                                                       hidden_size=tiny.hidden_size * 2), warm_start=warm)
+    with pytest.raises(StepSearchError, match="changed: hidden_size"):
+        run_bootstrap(changed, str(training_env.sft_dir), rollout_config(), datamodule=None)
     assert [p.stat().st_mtime_ns for p in watched] == stamps
 
 
