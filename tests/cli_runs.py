@@ -5,9 +5,13 @@ with every path under one directory and ``{seed}`` in the per-seed ones."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from training_fixtures import PYTHON, REPO, python_env
 
@@ -53,17 +57,55 @@ def cli_env() -> dict:
     return env
 
 
+# Every child starts in its own session (process group): a failing test, a timeout or an interrupted
+# run kills the whole group, DDP ranks included, instead of leaving training processes behind.
+_STARTED: list[subprocess.Popen] = []
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group (the group outlives its leader while DDP ranks live on)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group has ended already
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def started(proc: subprocess.Popen) -> subprocess.Popen:
+    """Register a child started with ``start_new_session=True`` for :func:`kill_started_processes`."""
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def kill_started_processes():
+    """Import into a test module: after each test, kill the process groups its children started."""
+    yield
+    while _STARTED:
+        kill_group(_STARTED.pop())
+
+
 def run_cli(args, cwd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "stepsearch", *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    args = [PYTHON, "-m", "stepsearch", *args]
+    proc = started(subprocess.Popen(args, cwd=cwd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True))
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:  # timeout or Ctrl-C: nothing of the run may survive
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
-def start_cli(args, cwd, log: Path, new_session: bool = False) -> subprocess.Popen:
-    """Start ``python -m stepsearch ARGS`` (output to ``log``); ``new_session``: its own process
-    group, so DDP ranks it launches can be killed with it (``os.killpg``)."""
-    handle = open(log, "w")
-    return subprocess.Popen([PYTHON, "-m", "stepsearch", *args], cwd=cwd, env=cli_env(), stdout=handle,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
+def start_cli(args, cwd, log: Path) -> subprocess.Popen:
+    """Start ``python -m stepsearch ARGS`` (output to ``log``) in its own process group (``os.killpg``
+    reaches the DDP ranks it launches); the group is killed when the test ends."""
+    with open(log, "w") as handle:
+        return started(subprocess.Popen([PYTHON, "-m", "stepsearch", *args], cwd=cwd, env=cli_env(), stdout=handle,
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True))
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, poll: float = 0.05):
@@ -76,7 +118,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, poll: fl
         if proc.poll() is not None:
             raise AssertionError(f"process ended (rc {proc.returncode}) before the condition held")
         time.sleep(poll)
-    proc.kill()
+    kill_group(proc)
     raise AssertionError("timed out waiting")
 
 

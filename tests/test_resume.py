@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import QUICKSTART, cli_env, error_lines, fit_args, mlflow_client, run_cli, run_in_process, start_cli, wait_for
+from cli_runs import kill_started_processes  # noqa: F401  (autouse fixture: no child outlives a test)
+from cli_runs import QUICKSTART, cli_env, error_lines, fit_args, mlflow_client, run_cli, run_in_process, start_cli, started, wait_for
 from safetensors.torch import load_file
 from training_fixtures import PYTHON, REPO
 
@@ -245,7 +246,8 @@ def test_slurm_script_requeues_on_sigusr1_and_the_requeued_job_resumes(root, uni
            "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
     script = [str(REPO / "experiments" / "slurm_fit.sh"), *_fit(root, "G")[3:]]  # after `fit --config X`
     with open(tmp_path / "job.log", "w") as log:
-        job = subprocess.Popen(script, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        job = started(subprocess.Popen(script, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
         wait_for(lambda: (root / "G" / "run.json").exists(), job)
         (step,) = _children(job.pid)  # the job step: srun exec'd python
         os.kill(step, signal.SIGUSR1)

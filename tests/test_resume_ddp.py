@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from cli_runs import kill_started_processes  # noqa: F401  (autouse fixture: no child outlives a test)
 from cli_runs import fit_args, mlflow_client, run_cli, start_cli, wait_for
 from safetensors.torch import load_file
 
@@ -36,7 +37,7 @@ def test_two_rank_run_killed_and_resumed_matches_an_uninterrupted_one(tmp_path):
     reference = run_cli(_fit(tmp_path, "A"), cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    proc = start_cli(_fit(tmp_path, "B"), cwd=tmp_path, log=tmp_path / "B.log", new_session=True)
+    proc = start_cli(_fit(tmp_path, "B"), cwd=tmp_path, log=tmp_path / "B.log")
     wait_for(lambda: (tmp_path / "B" / "checkpoints" / "iter-000001.ckpt").exists(), proc)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks
     proc.wait(timeout=60)
