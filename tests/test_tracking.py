@@ -230,3 +230,28 @@ def test_policy_card_and_curves(tmp_path):
     assert set(styles) == {"EM", "F1"} and styles["EM"] != styles["F1"]
     assert [line.get_label() for line in right.lines] == ["reward"]
     plt.close("all")
+
+
+def test_save_config_logs_what_the_module_uses_not_what_the_config_said(tmp_path):
+    """The config says step rewards on; a PPO run forces them off: MLflow must record *off*, once,
+    with the run tagged and named from the effective settings (through the callback Lightning calls)."""
+    from types import SimpleNamespace
+
+    import mlflow
+    from jsonargparse import ArgumentParser
+
+    from stepsearch.module import PPOSettings, StepSearchPPO
+    from stepsearch.tracking import MLFlowLogger as StepSearchMLFlowLogger
+    from stepsearch.tracking import MLflowSaveConfigCallback
+
+    parser = ArgumentParser()
+    parser.add_argument("--model.rewards.step_rewards", type=bool, default=True)
+    parser.add_argument("--model.ppo.algorithm", type=str, default="steppo")
+    config = parser.parse_args(["--model.ppo.algorithm", "ppo"])
+    logger = StepSearchMLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    module = StepSearchPPO(ppo=PPOSettings(algorithm="ppo"), seed=3)
+    MLflowSaveConfigCallback(parser, config).save_config(SimpleNamespace(logger=logger), module, "fit")
+    run = mlflow.MlflowClient(logger._tracking_uri).get_run(logger.run_id)
+    assert run.data.params["model.rewards.step_rewards"] == "False"
+    assert run.data.params["model.ppo.algorithm"] == "ppo"
+    assert run.data.tags["algorithm"] == "ppo" and run.data.tags["mlflow.runName"] == "ppo-seed3"
