@@ -460,3 +460,22 @@ def test_gradient_checkpointing_is_used_by_ppo_forwards(training_env):
     assert sorted(runs) == ["critic", "critic", "policy", "policy"]
     for checkpointed, reference in zip(*grads):
         torch.testing.assert_close(checkpointed, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_skipped_steps_count_survives_a_checkpoint(monkeypatch):
+    """``train/skipped_steps`` is a running count: a resumed run continues it, never restarts at 0."""
+    from types import SimpleNamespace
+
+    import stepsearch.continuation
+    from stepsearch.module import StepSearchPPO
+
+    monkeypatch.setattr(stepsearch.continuation, "all_rng_states", lambda trainer: [])
+    before = StepSearchPPO()
+    before._trainer = SimpleNamespace(global_step=5, world_size=1, global_rank=0)
+    before.skipped_steps = 3
+    checkpoint: dict = {}
+    before.on_save_checkpoint(checkpoint)
+    after = StepSearchPPO()
+    after._trainer = SimpleNamespace(global_step=5, world_size=1, global_rank=0)
+    after.on_load_checkpoint(checkpoint)
+    assert after.skipped_steps == 3

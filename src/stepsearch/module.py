@@ -310,6 +310,7 @@ class StepSearchPPO(pl.LightningModule):
         from stepsearch.continuation import all_rng_states
 
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
+        checkpoint["skipped_steps"] = int(self.skipped_steps)  # a running count: continues after resume
         # Exact continuation (stepsearch.runs): the iteration, every rank's RNG states, and the
         # validation history (the before/after table still compares with step 0 after a resume).
         checkpoint["ppo_iteration"] = int(self.trainer.global_step)
@@ -319,6 +320,7 @@ class StepSearchPPO(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_coef" in checkpoint:
             self.kl_controller.value = float(checkpoint["kl_coef"])
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         if "val_history" in checkpoint:
             self.history = dict(checkpoint["val_history"]["history"])
             self.last_val_step = checkpoint["val_history"]["last_val_step"]
