@@ -301,18 +301,18 @@ def run_serve(args: argparse.Namespace) -> int:
         threads=args.threads, cache_size=max(args.cache_size, 0), **dense_config_fields(args),
     )
     retriever = build_retriever(config)
-    app = create_app(
-        retriever, max_batch=args.max_batch, max_query_chars=args.max_query_chars,
-        max_topk=args.max_topk, default_topk=args.topk, max_queue=args.max_queue,
-        max_batch_queries=args.max_batch_queries, batch_wait_ms=args.batch_wait_ms,
-        request_timeout_s=args.request_timeout,
-    )
-    console = Console(stderr=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] binding {args.host}: the service has no authentication", soft_wrap=True)
-    console.print(f"serving {kind} index {args.index} at http://{args.host}:{args.port}/retrieve (Ctrl-C stops)",
-                  soft_wrap=True, highlight=False)
-    try:
+    try:  # the retriever (a JVM searcher, a memory-mapped index) is closed however serving ends
+        app = create_app(
+            retriever, max_batch=args.max_batch, max_query_chars=args.max_query_chars,
+            max_topk=args.max_topk, default_topk=args.topk, max_queue=args.max_queue,
+            max_batch_queries=args.max_batch_queries, batch_wait_ms=args.batch_wait_ms,
+            request_timeout_s=args.request_timeout,
+        )
+        console = Console(stderr=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]warning:[/] binding {args.host}: the service has no authentication", soft_wrap=True)
+        console.print(f"serving {kind} index {args.index} at http://{args.host}:{args.port}/retrieve (Ctrl-C stops)",
+                      soft_wrap=True, highlight=False)
         run_server(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         close = getattr(retriever, "close", None)
