@@ -160,3 +160,20 @@ def test_trajectory_lines_pair_searches_with_their_results():
         steps=[step], invalid_actions=[])
     assert trajectory_lines(record) == ["turn 1: <think> x </think> <search> q1 </search>", "  retrieved: A (1) | B (2)",
                                         "turn 2: <think> y </think> <answer> z </answer>"]
+
+
+def test_policy_settings_lookup_never_creates_a_store_or_trips_on_a_corrupt_card(tmp_path, monkeypatch):
+    """A plain model directory and no MLflow store: nothing is created, the defaults are used; a
+    truncated policy card is one error line naming the file."""
+    from stepsearch.errors import StepSearchError
+    from stepsearch.suite import POLICY_CARD, policy_rollout
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/absent.db")
+    model = tmp_path / "model"
+    model.mkdir()
+    _config, card = policy_rollout(str(model), {})
+    assert card == {} and not (tmp_path / "absent.db").exists()
+    (model / POLICY_CARD).write_text('{"rollout": {"template": "comp')
+    with pytest.raises(StepSearchError, match=f"{POLICY_CARD}: unreadable policy card"):
+        policy_rollout(str(model), {})

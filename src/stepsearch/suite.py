@@ -133,7 +133,14 @@ def policy_rollout(model_path: str, overrides: dict):
     from stepsearch.rollout.engine import RolloutConfig
 
     card_path = Path(model_path) / POLICY_CARD
-    card = json.loads(card_path.read_text()) if card_path.is_file() else _card_from_run(model_path)
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise StepSearchError(f"{card_path}: unreadable policy card ({err}); re-export the policy or "
+                                  "delete the file and pass the rollout settings as flags") from None
+    else:
+        card = _card_from_run(model_path)
     known = {f.name for f in fields(RolloutConfig)}
     settings = {k: v for k, v in (card.get("rollout") or {}).items() if k in known}
     bad = sorted(set(overrides) - known)
@@ -151,10 +158,15 @@ def _card_from_run(model_path: str) -> dict:
     from stepsearch.tracking import default_tracking_uri
 
     uri = default_tracking_uri()
-    client = mlflow.MlflowClient(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return {}  # no store yet: looking would create one (an empty mlflow.db) as a side effect
     path = str(Path(model_path).resolve()).replace("'", "\\'")
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"tags.policy_dir = '{path}'", max_results=1) if ids else []
+    try:
+        client = mlflow.MlflowClient(uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, f"tags.policy_dir = '{path}'", max_results=1) if ids else []
+    except Exception:  # an unreachable or foreign store only means: no record of this policy
+        return {}
     if not runs:
         return {}
     prefix = "model.rollout."
