@@ -292,7 +292,10 @@ class FullWeightsForGeneration(nn.Module):
 
     def forward(self, *args, **kwargs):
         ac = self.actor_critic
-        layers = _fsdp_modules(ac.policy)
+        layers = self.__dict__.get("_fsdp_layers")
+        if layers is None:  # the sharded layers do not change: one module-tree walk, not one per token
+            layers = _fsdp_modules(ac.policy)
+            object.__setattr__(self, "_fsdp_layers", layers)
         # The root's lazy init must come first (it claims the layers as its children); unshard()
         # does not run it, only a forward would, so call it (a private FSDP2 method, torch 2.4+).
         ac.policy_scorer._get_fsdp_state()._lazy_init()
