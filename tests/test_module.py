@@ -216,56 +216,101 @@ DDP_SCRIPT = textwrap.dedent('''
     from stepsearch.models.policy import PolicySettings
     from stepsearch.module import OptimSettings, PPOSettings, StepSearchPPO
     from stepsearch.retrieval.factory import RetrieverConfig
+    from stepsearch.sharding import FSDP2Strategy
 
     torch.set_num_threads(1)
-    out = Path({out!r})
+    out, strategy, devices, steps = Path({out!r}), {strategy!r}, {devices}, {steps}
+
+
+    class Recorded(StepSearchDataModule):
+        """Keeps every rollout's tokens by question (this rank's share of each iteration)."""
+
+        rows = []
+
+        def rollout(self, examples, **kwargs):
+            trajectory = super().rollout(examples, **kwargs)
+            for b, ex in enumerate(examples):
+                length = int(trajectory.attention_mask[b].sum())
+                self.rows.append([self.trainer.global_step, ex.id, trajectory.input_ids[b, :length].tolist()])
+            return trajectory
+
+
+    class DumpParameters(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
+            params = {{name: full(p.detach()).clone() for name, p in module.actor_critic.named_parameters()}}
+            if trainer.global_rank == 0:
+                torch.save(params, out / f"params_step{{trainer.global_step}}.pt")
+
+
     module = StepSearchPPO(
         model=PolicySettings(name_or_path={policy!r}), rollout=tf.rollout_config(),
         ppo=PPOSettings(ppo_epochs=1, mini_batch_size=2, micro_batch_size=1),
         optim=OptimSettings(actor_lr=1e-3, critic_lr=1e-3, actor_warmup_ratio=0.0, critic_warmup_ratio=0.0),
         log_samples_every_n_steps=0)
-    data = StepSearchDataModule(train={train!r}, retriever=RetrieverConfig(kind="bm25", index={index!r}),
-                                batch_size=2, seed=0)
-    from stepsearch.sharding import FSDP2Strategy
-
-    fsdp = {strategy!r} == "fsdp"
-    # FSDP2: two iterations with a checkpoint between them (the checkpoint's state dict reshards the
-    # weights the first rollout gathered; the second rollout must gather them again).
-    checkpoints = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1)] if fsdp else []
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy() if fsdp else "ddp",
-                        max_steps=2 if fsdp else 1, logger=False, callbacks=checkpoints,
-                        enable_checkpointing=fsdp, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, default_root_dir=out)
+    data = Recorded(train={train!r}, retriever=RetrieverConfig(kind="bm25", index={index!r}), batch_size=4, seed=0)
+    # FSDP2: a checkpoint after each iteration (its state dict reshards the weights the first rollout
+    # gathered; the second rollout must gather them again).
+    checkpoints = [L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1)]
+    trainer = L.Trainer(accelerator="cpu", devices=devices,
+                        strategy=FSDP2Strategy() if strategy == "fsdp" else strategy,
+                        max_steps=steps, logger=False, callbacks=checkpoints + [DumpParameters()],
+                        enable_checkpointing=True, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out)
     trainer.fit(module, data)
-    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
-    params = {{name: full(p.detach()).double().sum().item() for name, p in module.actor_critic.named_parameters()}}
     (out / f"rank{{trainer.global_rank}}.json").write_text(json.dumps(
-        {{"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params}}))
+        {{"global_step": trainer.global_step, "world_size": trainer.world_size, "rows": data.rows}}))
 ''')
 
 
+def _fit_in_subprocess(env, out, strategy, devices, steps):
+    out.mkdir()
+    script = out / "fit.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(out), policy=str(env.sft_dir),
+                                        train=str(env.train), index=str(env.index_dir), strategy=strategy,
+                                        devices=devices, steps=steps))
+    proc = subprocess.run([PYTHON, str(script)], cwd=out, env=python_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
+
+
+@pytest.fixture(scope="module")
+def one_process_fit(training_env, tmp_path_factory):
+    """The reference for the 2-process fits: 1 process × 4 prompts, two PPO iterations."""
+    out = tmp_path_factory.mktemp("one_process") / "fit"
+    return out, _fit_in_subprocess(training_env, out, "auto", 1, 2)[0]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_cpu_processes_fit_with_real_rollouts(training_env, tmp_path, strategy):
+def test_two_cpu_processes_fit_like_one_with_real_rollouts(training_env, tmp_path, one_process_fit, strategy):
     """Lightning's subprocess launcher (gloo), DDP or FSDP2, real rollouts (FSDP2: generation with the
-    gathered policy weights): both ranks finish one PPO iteration with the same weights, and the
-    weights moved (the update is checked exactly in test_strategies.py)."""
+    gathered policy weights, a checkpoint between iterations). 2 processes × 2 prompts per iteration
+    sample exactly the trajectories of 1 process × 4 prompts (same prompts per iteration, sampling
+    seeded per question and iteration) and end each iteration with its parameters."""
     from stepsearch.models.policy import ActorCritic, PolicySettings
 
-    script = tmp_path / "fit.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(tmp_path), policy=str(training_env.sft_dir),
-                                        train=str(training_env.train), index=str(training_env.index_dir),
-                                        strategy=strategy))
-    proc = subprocess.run([PYTHON, str(script)], cwd=tmp_path, env=python_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single_dir, single = one_process_fit
     steps = 2 if strategy == "fsdp" else 1
+    ranks = _fit_in_subprocess(training_env, tmp_path / "fit", strategy, 2, steps)
     assert [r["global_step"] for r in ranks] == [steps, steps]
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["params"] == ranks[1]["params"]
-    initial = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir)))
-    start = {name: p.detach().double().sum().item() for name, p in initial.named_parameters()}
-    moved = [name for name, value in ranks[0]["params"].items() if value != start[name]]
+    for step in range(steps):
+        expected = sorted((ex_id, ids) for it, ex_id, ids in single["rows"] if it == step)
+        got = sorted((ex_id, ids) for r in ranks for it, ex_id, ids in r["rows"] if it == step)
+        assert len(expected) == 4 and got == expected
+        # the strided layout: rank r holds prompts r and r + 2 of the iteration's global batch
+        order = [ex_id for it, ex_id, _ in single["rows"] if it == step]
+        assert [ex_id for it, ex_id, _ in ranks[1]["rows"] if it == step] == order[1::2]
+    start = dict(ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir))).named_parameters())
+    for step in range(1, steps + 1):
+        want = torch.load(single_dir / f"params_step{step}.pt", weights_only=True)
+        got = torch.load(tmp_path / "fit" / f"params_step{step}.pt", weights_only=True)
+        assert want.keys() == got.keys()
+        flat_want = torch.cat([want[k].flatten().double() for k in sorted(want)])
+        flat_got = torch.cat([got[k].flatten().double() for k in sorted(got)])
+        assert float((flat_got - flat_want).norm() / flat_want.norm()) <= 1e-6
+    moved = [name for name, p in got.items() if not torch.equal(p, start[name].detach())]
     assert any(name.startswith("policy.") for name in moved)
     assert any(name.startswith("critic.") for name in moved)
     assert not any(name.startswith("reference.") for name in moved)

@@ -63,11 +63,12 @@ class ResumableDataLoader(DataLoader):
     """A training DataLoader whose position survives a checkpoint.
 
     Lightning stores ``state_dict()`` in the fit loop's checkpoint state and calls
-    ``load_state_dict`` before iterating again on resume. The state is the shuffling generator's
-    state at the start of the epoch and after its order was drawn, and the batches handed out: a
-    mid-epoch resume replays the same order and skips what was trained on; an end-of-epoch one
-    draws the next epoch's order. Under DDP the sampler's order is a function of the epoch (which
-    Lightning restores), so only the skip applies. An uninterrupted run's order is unchanged.
+    ``load_state_dict`` before iterating again on resume. The state is the batches handed out in the
+    epoch (and, for a sampler that shuffles with a ``generator``, its state at the start of the
+    epoch and after the order was drawn): a mid-epoch resume replays the same order and skips what
+    was trained on; an end-of-epoch one draws the next epoch's order. The training sampler
+    (``data.sampling.GlobalBatchSampler``) orders by ``(seed, epoch)``, which Lightning restores,
+    so only the skip applies to it. An uninterrupted run's order is unchanged.
     """
 
     def __iter__(self):

@@ -156,17 +156,17 @@ class _QuestionSearchedFirst:
 
     _first_queries: list[str] | None = None
 
-    def generate(self, questions, *, greedy=False, seed=None):
+    def generate(self, questions, *, greedy=False, seed=None, row_keys=None):
         self._first_queries = [" ".join(q.split()) for q in questions]
-        return super().generate(questions, greedy=greedy, seed=seed)
+        return super().generate(questions, greedy=greedy, seed=seed, row_keys=row_keys)
 
-    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
+    def _generate_turn(self, keys, contexts, max_new, greedy):
         from stepsearch.rollout.decoding import TurnOutput
 
         if self._first_queries is not None:
             queries, self._first_queries = self._first_queries, None
             return [TurnOutput(self._encode(f"<search> {queries[k]} </search>"), "tag") for k in keys]
-        return super()._generate_turn(keys, contexts, max_new, greedy, generator)
+        return super()._generate_turn(keys, contexts, max_new, greedy)
 
 
 def method_engine(method: str, model, tokenizer, retriever, rollout_config):

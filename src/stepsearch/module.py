@@ -41,6 +41,7 @@ from stepsearch.models.policy import ActorCritic, LoraSettings, PolicySettings
 from stepsearch.ppo import core
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.engine import RolloutConfig
+from stepsearch.rollout.seeding import example_row_keys, iteration_seed
 from stepsearch.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
 
 
@@ -127,7 +128,8 @@ class StepSearchPPO(pl.LightningModule):
         bootstrap: offline quickstart: make a tiny model and/or warm-start it before PPO.
         log_samples_every_n_steps: log sample trajectories to MLflow every N PPO iterations.
         num_logged_samples: trajectories per sample log.
-        seed: base seed of rollout sampling (iteration ``t`` samples with ``seed + t``).
+        seed: base seed of rollout sampling (iteration ``t``, question ``q`` samples from a seed derived
+            from ``(seed, t, q)``, whatever rank holds ``q``), of the value heads and the minibatch order.
     """
 
     def __init__(
@@ -227,12 +229,13 @@ class StepSearchPPO(pl.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         iteration = self.trainer.global_step
-        examples = list(batch)
-        if self.ppo.algorithm == "grpo":
-            examples = [ex for ex in examples for _ in range(self.ppo.grpo_group_size)]
+        group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
+        examples = [ex for ex in batch for _ in range(group)]
         t0 = time.perf_counter()
-        trajectory = self.trainer.datamodule.rollout(examples, greedy=False,
-                                                     seed=self.seed + 1000 * iteration + self.global_rank)
+        # Seeded per question and iteration (rollout.seeding): the rollouts do not depend on the rank
+        # a question landed on, nor on the other questions of its batch.
+        trajectory = self.trainer.datamodule.rollout(examples, greedy=False, seed=iteration_seed(self.seed, iteration),
+                                                     row_keys=example_row_keys(list(batch), group))
         t1 = time.perf_counter()
         scores = score_trajectories(trajectory.records, examples, self.reward_config)
         placed = place_rewards(scores, trajectory, self.reward_config)

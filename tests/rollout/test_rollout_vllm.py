@@ -175,6 +175,23 @@ def test_independent_turns_equal_the_synchronous_loop(vllm_env, vllm_llm, policy
         assert 0 < async_rollout.timing["retrieval_calls"] <= searches
 
 
+def test_sampled_rows_depend_only_on_seed_and_row_key(vllm_env, vllm_llm, policy, questions):
+    """vLLM request seeds come from (seed, row key, turn): a subset of the questions in another
+    order (as on another rank) samples each question's tokens exactly as the whole batch did."""
+    model, tokenizer = policy
+    _, engine = engines(vllm_env, vllm_llm, model, tokenizer)
+    keys = [f"q{i}" for i in range(len(questions))]
+    whole = engine.generate(questions, seed=9, row_keys=keys)
+    order = [7, 2, 5]
+    part = engine.generate([questions[i] for i in order], seed=9, row_keys=[keys[i] for i in order])
+    for b, i in enumerate(order):
+        length = int(whole.attention_mask[i].sum())
+        assert int(part.attention_mask[b].sum()) == length
+        assert torch.equal(part.input_ids[b, :length], whole.input_ids[i, :length])
+    other = engine.generate([questions[i] for i in order], seed=9, row_keys=[keys[i] + "#1" for i in order])
+    assert any(not torch.equal(other.input_ids[b], part.input_ids[b]) for b in range(len(order)))
+
+
 class FailingOnce:
     """The real retriever, except that its first search fails (a backend outage mid-rollout)."""
 

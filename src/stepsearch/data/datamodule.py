@@ -7,8 +7,10 @@ or a list, concatenated), or from a generated world (``world:``): ``prepare_data
 corpus (index ``{world_dir}/index_bm25``, built on first use when missing).
 
 Batches are plain ``list[Example]`` (:func:`collate_examples`): the rollout engine formats
-prompts itself. The train loader shuffles with a generator seeded by ``seed``; validation and test
-loaders never shuffle and never drop the last batch. ``val_fraction`` holds out a seeded random
+prompts itself. The train loader serves global batches of ``batch_size`` prompts drawn from a
+per-epoch seeded order, each rank its strided share, the last batch filled up from the epoch's start
+(:class:`~stepsearch.data.sampling.GlobalBatchSampler`: the prompts of an iteration do not depend on
+the number of ranks); validation and test loaders never shuffle and never drop the last batch. ``val_fraction`` holds out a seeded random
 part of train as validation. The retriever is built lazily, once per process, on first use of
 :attr:`StepSearchDataModule.retriever` (so a JVM never crosses a process boundary); when it must
 build an index, ``prepare_data`` does it on the rank that prepares data.
@@ -30,7 +32,6 @@ import random
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stepsearch.data.schema import Example
@@ -221,15 +222,20 @@ class StepSearchDataModule(pl.LightningDataModule):
             raise StepSearchError(
                 f"no {split} examples: " + (f"{', '.join(files)} gave none" if files else f"set data.{split}" + (" or data.world" if split != "val" else ", data.val_fraction or data.world"))
             )
-        generator = torch.Generator().manual_seed(self.seed) if train else None
+        sampler = None
+        if train:  # global batches, each rank its strided share, seeded per epoch (data.sampling)
+            from stepsearch.data.sampling import GlobalBatchSampler
+
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = GlobalBatchSampler(len(examples), self.batch_size, rank=rank, world_size=world, seed=self.seed)
         from stepsearch.continuation import ResumableDataLoader  # train: the data order survives a resume
 
         return (ResumableDataLoader if train else DataLoader)(
             ExampleDataset(examples),
             batch_size=batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=False,
-            generator=generator,
             collate_fn=collate_examples,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -293,9 +299,11 @@ class StepSearchDataModule(pl.LightningDataModule):
                                   "(StepSearchDataModule.attach_policy)")
         return self._engine
 
-    def rollout(self, examples: list[Example], *, greedy: bool = False, seed: int | None = None):
-        """A rollout batch (``Trajectory``) of ``examples``, generated now with the current policy."""
-        return self.rollouts.generate([ex.question for ex in examples], greedy=greedy, seed=seed)
+    def rollout(self, examples: list[Example], *, greedy: bool = False, seed: int | None = None,
+                row_keys: list | None = None):
+        """A rollout batch (``Trajectory``) of ``examples``, generated now with the current policy; row
+        ``i`` samples from a seed derived from ``seed`` and ``row_keys[i]`` (stepsearch.rollout.seeding)."""
+        return self.rollouts.generate([ex.question for ex in examples], greedy=greedy, seed=seed, row_keys=row_keys)
 
     def policy_updated(self) -> None:
         """The policy changed (a PPO update): the engine re-syncs before its next rollout."""

@@ -2,8 +2,8 @@
 
 ``DecodeSession`` keeps one KV cache for a rollout batch across its turns, so each turn only feeds
 the new tokens (the environment's text) instead of re-reading the whole context, then decodes one
-token per step with its own sampling (temperature + top-p through a seeded ``torch.Generator``, or
-greedy). A row stops at an EOS id, at a stop tag (``</search>``, ``</answer>``) or at its token
+token per step with its own sampling (temperature + top-p from each row's own seeded stream,
+:mod:`stepsearch.rollout.seeding`, or greedy). A row stops at an EOS id, at a stop tag (``</search>``, ``</answer>``) or at its token
 limit. Stop tags are detected by id when the tokenizer has them as single tokens, else by decoding
 the row's last few tokens when the new token contains ``>``. Finished rows are dropped from the
 cache (``Cache.batch_select_indices``). Works with any module that has the Hugging Face causal-LM
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -92,8 +93,12 @@ def sampled_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: fl
 
 
 def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float,
-                generator: torch.Generator | None, max_rounds: int = 64) -> torch.Tensor:
+                generator: torch.Generator | None = None, max_rounds: int = 64, *,
+                uniform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Next token per row: argmax, or a draw from the temperature-scaled top-p (nucleus) distribution.
+
+    Uniforms come from ``uniform(rows)`` (the next draw of each of ``rows``, indices into ``logits``:
+    per-row streams, :class:`~stepsearch.rollout.seeding.RowStreams`) or else from ``generator``.
 
     Nucleus sampling without sorting the vocabulary: draw from the full distribution by inverse CDF
     and accept the draw when the probability mass strictly above it is below ``top_p`` (i.e. it lies
@@ -110,7 +115,10 @@ def sample_next(logits: torch.Tensor, greedy: bool, temperature: float, top_p: f
     pending = torch.arange(probs.shape[0], device=probs.device)
     for _ in range(max_rounds):
         rows_cdf = cdf.index_select(0, pending)
-        u = torch.rand(len(pending), 1, device=probs.device, generator=generator) * rows_cdf[:, -1:]
+        if uniform is not None:
+            u = uniform(pending).view(-1, 1).to(rows_cdf.dtype) * rows_cdf[:, -1:]
+        else:
+            u = torch.rand(len(pending), 1, device=probs.device, generator=generator) * rows_cdf[:, -1:]
         draw = torch.searchsorted(rows_cdf, u, right=True).clamp_(max=last)
         if top_p >= 1.0:
             tokens[pending] = draw.squeeze(1)
@@ -175,12 +183,13 @@ class DecodeSession:
 
     def __init__(self, forward: ForwardAdapter, stop_rule: StopRule, *, pad_id: int, device,
                  greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, logprobs: bool = False):
+                 streams=None, logprobs: bool = False):
         self.forward, self.stop_rule, self.pad_id, self.device = forward, stop_rule, pad_id, device
         # Per-token log-probs cost a full-vocabulary float log-softmax per step: only when asked
         # (truncated IS, ``RolloutConfig.tis_cap``); otherwise ``TurnOutput.logprobs`` is None.
         self.logprobs = logprobs
-        self.greedy, self.temperature, self.top_p, self.generator = greedy, temperature, top_p, generator
+        # ``streams``: per-row uniforms indexed by the caller's row keys (ints), RowStreams.
+        self.greedy, self.temperature, self.top_p, self.streams = greedy, temperature, top_p, streams
         self.cache = None
         self.attention: torch.Tensor | None = None  # [slots, columns] 1 on real tokens
         self.keys: list = []  # caller's row key per cache slot
@@ -217,7 +226,9 @@ class DecodeSession:
         logprob_temperature = 1.0 if self.greedy else self.temperature
         while True:
             step_logits = logits.index_select(0, torch.tensor(running, device=logits.device))
-            tokens = sample_next(step_logits, self.greedy, self.temperature, self.top_p, self.generator)
+            row_keys = torch.tensor([self.keys[slot] for slot in running], dtype=torch.long)
+            uniform = None if self.streams is None else (lambda rows: self.streams.draw(row_keys[rows.cpu()]))
+            tokens = sample_next(step_logits, self.greedy, self.temperature, self.top_p, uniform=uniform)
             if self.logprobs:
                 step_logprobs = sampled_logprobs(step_logits, tokens, logprob_temperature)
                 # One device sync per step: ids (< 2**53) travel exactly as float64 beside the log-probs.

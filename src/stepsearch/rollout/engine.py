@@ -27,7 +27,8 @@ loop. A row whose turn ends with a search goes to a retrieval queue (:class:`Ret
 worker thread: all queries waiting when it frees up go to ONE ``retriever.search`` call) while the
 other rows keep decoding; the row's next turn is submitted as soon as its observation is in. The
 per-row state machine (``_take_turn``, ``_insert_environment``) is the same code in both loops and
-each row's sampling seed depends only on (seed, row, turn), so the two loops give the same rows.
+each row's sampling depends only on (seed, row key) (:mod:`stepsearch.rollout.seeding`), so the two
+loops give the same rows, and so does any split of the questions over batches or ranks.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ import torch
 from stepsearch.errors import StepSearchError
 from stepsearch.retrieval.base import Passage, Retriever
 from stepsearch.rollout import template as tpl
-from stepsearch.rollout.decoding import DecodeSession, ForwardAdapter, StopRule, TurnOutput
+from stepsearch.rollout.decoding import TurnOutput
 from stepsearch.rollout.retrieval_queue import RetrievalQueue, search_checked
+from stepsearch.rollout.seeding import row_seed
 from stepsearch.rollout.trajectory import SearchStep, Trajectory, TrajectoryRecord
 
 
@@ -95,7 +97,8 @@ BACKENDS = ("hf", "vllm")
 class RolloutEngine(Protocol):
     """Turns questions into a :class:`Trajectory` batch (sampled, or greedy for evaluation)."""
 
-    def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None) -> Trajectory: ...
+    def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None,
+                 row_keys: list | None = None) -> Trajectory: ...
 
 
 @dataclass
@@ -141,16 +144,15 @@ class TurnLoopEngine:
         self._obs_tail = self._encode(tail)
 
     # --- backend hooks ---------------------------------------------------------------------------
-    def _generate_turn(self, keys: list[int], contexts: list[list[int]], max_new: list[int], greedy: bool,
-                       generator: torch.Generator | None) -> list[TurnOutput]:
-        """Generate one turn for the rows ``keys`` (stable row numbers within this ``generate`` call)
-        whose full token sequences are ``contexts``, at most ``max_new[i]`` tokens each."""
+    def _generate_turn(self, keys: list[int], contexts: list[list[int]], max_new: list[int],
+                       greedy: bool) -> list[TurnOutput]:
+        """Generate one turn for the rows ``keys`` (stable row numbers within this ``generate`` call;
+        row ``k`` samples from ``self.row_seeds[k]``) whose full token sequences are ``contexts``, at
+        most ``max_new[i]`` tokens each."""
         raise NotImplementedError
 
-    def _begin(self, seed: int | None, greedy: bool) -> torch.Generator | None:
-        generator = torch.Generator()
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        return generator
+    def _begin(self, seed: int, greedy: bool) -> None:
+        """Prepare a generate call (``self.row_seeds`` holds each row's sampling seed)."""
 
     def _end(self) -> None:
         pass
@@ -170,26 +172,35 @@ class TurnLoopEngine:
         engine generates with the live module (nothing to do); vLLM re-syncs its weights."""
 
     # --- the turn loops --------------------------------------------------------------------------
-    def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None) -> Trajectory:
+    def generate(self, questions: list[str], *, greedy: bool = False, seed: int | None = None,
+                 row_keys: list | None = None) -> Trajectory:
+        """Trajectories for ``questions``. Row ``i`` samples from a seed derived from ``seed`` and
+        ``row_keys[i]`` only (default key: ``i``), so it does not depend on the rest of the batch
+        (:mod:`stepsearch.rollout.seeding`; training passes the examples' keys)."""
         cfg = self.config
         seed = cfg.seed if seed is None else seed
+        seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
+        keys = list(range(len(questions))) if row_keys is None else list(row_keys)
+        if len(keys) != len(questions):
+            raise StepSearchError(f"generate: {len(keys)} row keys for {len(questions)} questions")
+        self.row_seeds = [row_seed(seed, key) for key in keys]
         rows = [self._new_row(q) for q in questions]
         timing = {"generation_s": 0.0, "retrieval_s": 0.0, "retrieval_wait_s": 0.0, "tokens_generated": 0.0,
                   "turns": 0.0, "retrieval_calls": 0.0}
         start = time.perf_counter()
-        generator = self._begin(seed, greedy)
+        self._begin(seed, greedy)
         try:
             if cfg.independent_turns and self.independent_turns_supported:
                 self._run_independent_turns(rows, greedy, timing)
             else:
-                self._run_synchronous_turns(rows, greedy, generator, timing)
+                self._run_synchronous_turns(rows, greedy, timing)
         finally:
             self._end()
         timing["wall_s"] = time.perf_counter() - start
         timing["tokens_per_s"] = timing["tokens_generated"] / max(timing["generation_s"], 1e-9)
         return self._collate(rows, timing)
 
-    def _run_synchronous_turns(self, rows: list[_Row], greedy: bool, generator, timing: dict) -> None:
+    def _run_synchronous_turns(self, rows: list[_Row], greedy: bool, timing: dict) -> None:
         """Every active row takes turn t together; one retrieval call per turn (module docstring)."""
         cfg = self.config
         for turn in range(cfg.max_turns + 1):
@@ -201,7 +212,7 @@ class TurnLoopEngine:
             timing["turns"] += 1
             limits = [min(cfg.max_response_tokens, self._room(row)) for row in active]
             start = time.perf_counter()
-            outputs = self._generate_turn(keys, [row.context() for row in active], limits, greedy, generator)
+            outputs = self._generate_turn(keys, [row.context() for row in active], limits, greedy)
             timing["generation_s"] += time.perf_counter() - start
             for row, out in zip(active, outputs):
                 timing["tokens_generated"] += len(out.ids)
@@ -421,52 +432,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class HFRolloutEngine(TurnLoopEngine):
-    """The turn loop on a Hugging Face causal LM: batched KV-cache decoding with left padding.
-
-    Holds a reference to ``model`` (PPO updates it in place between calls); runs it in eval mode
-    under ``no_grad`` and restores its train/eval mode afterwards.
-    """
-
-    def __init__(self, model, tokenizer, retriever: Retriever, config: RolloutConfig | None = None):
-        super().__init__(tokenizer, retriever, config)
-        self.model = model
-        self._forward = ForwardAdapter(model)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-        self._stop = StopRule(tokenizer, eos_token_ids(model, tokenizer), max(vocab, len(tokenizer)))
-        self._was_training = False
-
-    @property
-    def device(self) -> torch.device:
-        device = getattr(self.model, "device", None)
-        if isinstance(device, torch.device):
-            return device
-        tensor = next(self.model.parameters(), None)
-        tensor = tensor if tensor is not None else next(self.model.buffers(), None)
-        return tensor.device if tensor is not None else torch.device("cpu")
-
-    def _begin(self, seed, greedy):
-        device = self.device
-        self._stop.to(device)
-        self._was_training = self.model.training
-        self.model.eval()
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        cfg = self.config
-        self._session = DecodeSession(self._forward, self._stop, pad_id=self.pad_id, device=device, greedy=greedy,
-                                      temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-                                      logprobs=cfg.tis_cap is not None)
-        return generator
-
-    def _end(self):
-        self._session = None  # frees the KV cache
-        self.model.train(self._was_training)
-
-    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
-        with torch.no_grad():
-            return self._session.run_turn(keys, contexts, max_new)
-
-
 def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, *,
                  model_path: str | None = None) -> TurnLoopEngine:
     """The rollout engine ``config.backend`` names, generating with ``model`` (the live policy).
@@ -479,4 +444,15 @@ def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, 
         from stepsearch.rollout.vllm_engine import VLLMRolloutEngine
 
         return VLLMRolloutEngine.from_policy(model, tokenizer, retriever, config, model_path=model_path)
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
+
     return HFRolloutEngine(model, tokenizer, retriever, config)
+
+
+def __getattr__(name: str):
+    # ``HFRolloutEngine`` lives in ``hf_engine`` (it subclasses TurnLoopEngine); still importable from here.
+    if name == "HFRolloutEngine":
+        from stepsearch.rollout.hf_engine import HFRolloutEngine
+
+        return HFRolloutEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

