@@ -175,7 +175,7 @@ class _Stats:
     """
 
     def __init__(self, world_size: int):
-        self.sums: dict[str, list[float]] = {}
+        self.sums: dict[str, list] = {}  # name -> [sum, count], floats or 0-d float64 tensors
         self.same: dict[str, list[float]] = {}
         self.world = world_size
 
@@ -189,17 +189,22 @@ class _Stats:
             entry[1] += 1
         self.same.setdefault("skipped_steps", [0.0, 1.0])[0] += 0.0 if finite else 1.0
 
-    def add(self, name: str, value, count: float = 1.0) -> None:
+    def add(self, name: str, value, count=1.0) -> None:
+        """Accumulate ``value`` (a float or a tensor: tensors stay on their device, no sync per
+        micro-batch) with weight ``count``."""
         entry = self.sums.setdefault(name, [0.0, 0.0])
-        entry[0] += float(value)
-        entry[1] += float(count)
+        entry[0] = entry[0] + (value.detach().double() if torch.is_tensor(value) else float(value))
+        entry[1] = entry[1] + (count.detach().double() if torch.is_tensor(count) else float(count))
 
     def reduce(self, comm: Collectives) -> dict[str, float]:
         names = sorted(self.sums)
         if not names:
             return {}
-        totals = comm.reduce_sum(torch.tensor([v for n in names for v in self.sums[n]], dtype=torch.float64))
-        out = {n: float(totals[2 * i] / max(float(totals[2 * i + 1]), 1e-12)) for i, n in enumerate(names)}
+        values = [v for n in names for v in self.sums[n]]
+        device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+        totals = comm.reduce_sum(local).tolist()  # the one device sync of the statistics
+        out = {n: totals[2 * i] / max(totals[2 * i + 1], 1e-12) for i, n in enumerate(names)}
         return out | {n: total / max(count, 1.0) for n, (total, count) in self.same.items()}
 
 
@@ -272,8 +277,8 @@ def critic_update(actor_critic, batch: RolloutBatch, schedule: list[Tensor], cfg
 
 
 def _add_fraction(stats: _Stats, name: str, local_mean: Tensor, mask: Tensor) -> None:
-    count = float(mask.sum())
-    stats.add(name, float(local_mean) * count, count)
+    count = mask.sum().double()
+    stats.add(name, torch.as_tensor(local_mean).detach().double() * count, count)
 
 
 def ppo_iteration(actor_critic, batch: RolloutBatch, cfg, optimizers, params, comm: Collectives, *,
