@@ -10,6 +10,7 @@ from training_fixtures import _one_thread, rollout_config, training_env  # noqa:
 from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
 from stepsearch.errors import StepSearchError
 from stepsearch.runs import write_fingerprint
+from stepsearch.bootstrap import run_bootstrap, tiny_fingerprint_settings, warm_start_fingerprint_settings
 from stepsearch.sft import (
     BootstrapSettings,
     Demonstration,
@@ -18,12 +19,9 @@ from stepsearch.sft import (
     collect_golden_trajectories,
     golden_turns,
     plan_demonstrations,
-    run_bootstrap,
     run_warm_start,
     sft_loss,
-    tiny_fingerprint_settings,
     train_sft,
-    warm_start_fingerprint_settings,
 )
 
 
