@@ -136,6 +136,19 @@ def test_sampled_rows_depend_only_on_seed_and_row_key(tiny, retriever):
         engine.generate([QUESTIONS[0]], seed=11, row_keys=["a", "b"])
 
 
+def test_generate_leaves_the_global_rng_alone(tiny, retriever):
+    """Greedy, seeded and unseeded rollouts draw nothing from torch's global RNG (a validation pass
+    or the warm-start's demonstrations must not shift what a run draws afterwards)."""
+    model, tokenizer = tiny
+    engine = HFRolloutEngine(model, tokenizer, retriever, CONFIG)
+    state = torch.get_rng_state()
+    engine.generate(QUESTIONS[:2], greedy=True)
+    engine.generate(QUESTIONS[:2], seed=1)
+    unseeded = [engine.generate(QUESTIONS[:2]) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(unseeded[0].input_ids, unseeded[1].input_ids)  # fresh seeds
+
+
 def test_config_is_validated():
     from stepsearch.errors import StepSearchError
 

@@ -179,7 +179,8 @@ class TurnLoopEngine:
         (:mod:`stepsearch.rollout.seeding`; training passes the examples' keys)."""
         cfg = self.config
         seed = cfg.seed if seed is None else seed
-        seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
+        if seed is None:  # greedy draws nothing; sampling gets a fresh seed (never from the global RNG)
+            seed = 0 if greedy else torch.Generator().seed()
         keys = list(range(len(questions))) if row_keys is None else list(row_keys)
         if len(keys) != len(questions):
             raise StepSearchError(f"generate: {len(keys)} row keys for {len(questions)} questions")
