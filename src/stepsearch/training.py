@@ -12,7 +12,8 @@ number of ranks. Each minibatch's loss is aggregated by name (``token-mean`` by 
 denominator counted over the whole minibatch on all ranks; gradients are *summed* over micro-batches
 and ranks (a strategy that averages over ranks gets its loss scaled by the world size). Minibatch
 ``k`` is rows ``[k·m, (k+1)·m)`` of every rank's rows (``m`` = per-rank minibatch), which with the
-data sampler's strided layout (rank ``r`` holds global prompts ``r, r+W, …``) is the same set of
+data sampler's strided layout (``data.sampling.GlobalBatchSampler``: rank ``r`` holds global prompts
+``r, r+W, …`` of each iteration's batch) is the same set of
 global rows for any number of ranks; PPO epochs visit the minibatches in an order drawn from a
 generator seeded by (seed, iteration), the same on every rank. Departure from veRL/the released
 code: there each epoch reshuffles rows into minibatches (rank-dependent); here the composition of
