@@ -100,12 +100,20 @@ def run_cli(args, cwd, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and the ignore is
+    # inherited: Python would then never raise KeyboardInterrupt. The Ctrl-C tests need the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args, cwd, log: Path) -> subprocess.Popen:
     """Start ``python -m stepsearch ARGS`` (output to ``log``) in its own process group (``os.killpg``
-    reaches the DDP ranks it launches); the group is killed when the test ends."""
+    reaches the DDP ranks it launches), with SIGINT at its default; the group is killed when the
+    test ends."""
     with open(log, "w") as handle:
         return started(subprocess.Popen([PYTHON, "-m", "stepsearch", *args], cwd=cwd, env=cli_env(), stdout=handle,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True))
+                                        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                        preexec_fn=_default_sigint))
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300.0, poll: float = 0.05):
