@@ -19,22 +19,16 @@ its own distributed sampler in its place (which would stride the whole epoch, no
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from stepsearch.errors import StepSearchError
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    digest = hashlib.blake2b(f"epoch\x1f{seed}\x1f{epoch}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % (2**63 - 1)
+from stepsearch.rollout.seeding import stable_seed
 
 
 def global_order(size: int, global_batch: int, seed: int, epoch: int) -> list[int]:
     """Epoch ``epoch``'s example order, padded to whole global batches (module docstring)."""
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).tolist()
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(stable_seed("epoch", seed, epoch) % (2**63 - 1))).tolist()
     short = -len(order) % global_batch
     while short:  # fewer examples than one batch: wrap around as often as needed
         take = order[:short]

@@ -226,8 +226,10 @@ class DecodeSession:
         logprob_temperature = 1.0 if self.greedy else self.temperature
         while True:
             step_logits = logits.index_select(0, torch.tensor(running, device=logits.device))
-            row_keys = torch.tensor([self.keys[slot] for slot in running], dtype=torch.long)
-            uniform = None if self.streams is None else (lambda rows: self.streams.draw(row_keys[rows.cpu()]))
+            uniform = None
+            if self.streams is not None:  # each running slot draws from its own row's stream
+                row_keys = torch.tensor([self.keys[slot] for slot in running], dtype=torch.long)
+                uniform = lambda rows, keys=row_keys: self.streams.draw(keys[rows.cpu()])  # noqa: E731
             tokens = sample_next(step_logits, self.greedy, self.temperature, self.top_p, uniform=uniform)
             if self.logprobs:
                 step_logprobs = sampled_logprobs(step_logits, tokens, logprob_temperature)

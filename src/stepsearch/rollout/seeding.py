@@ -23,7 +23,8 @@ import torch
 BLOCK = 64  # uniforms drawn per row at a time
 
 
-def _digest(*parts) -> int:
+def stable_seed(*parts) -> int:
+    """A 64-bit seed from ``parts`` (their ``str``), the same in every process and Python run."""
     text = "\x1f".join(str(part) for part in parts).encode("utf-8")
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
@@ -31,17 +32,17 @@ def _digest(*parts) -> int:
 def iteration_seed(seed: int, iteration: int) -> int:
     """The generate seed of PPO iteration ``iteration`` of a run seeded ``seed`` (no collisions
     between (seed, iteration) pairs, as ``seed + 1000·iteration`` would have)."""
-    return _digest("iteration", seed, iteration) % (2**63 - 1)
+    return stable_seed("iteration", seed, iteration) % (2**63 - 1)
 
 
 def row_seed(seed: int, key) -> int:
     """A row's sampling seed: a function of the generate seed and the row's key only."""
-    return _digest("row", seed, key) % (2**63 - 1)
+    return stable_seed("row", seed, key) % (2**63 - 1)
 
 
 def turn_seed(row: int, turn: int) -> int:
     """The vLLM request seed of a row's turn (vLLM takes a 31-bit seed)."""
-    return _digest("turn", row, turn) % (2**31 - 1)
+    return stable_seed("turn", row, turn) % (2**31 - 1)
 
 
 def example_row_keys(examples, samples_per_example: int = 1) -> list[str]:
