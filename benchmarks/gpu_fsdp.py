@@ -5,13 +5,13 @@ Qwen2.5-0.5B's shapes (random weights built from a config, nothing downloaded).
     python benchmarks/gpu_fsdp.py --iterations 2 --rollouts 8
     python benchmarks/gpu_fsdp.py --smoke             # CPU, tiny shapes: checks the script itself
 
-What runs: Lightning's Trainer with ``stepsearch.sharding.FSDP2Strategy`` (``ModelParallelStrategy``,
+What runs: Lightning's Trainer with ``stepsearch.training.sharding.FSDP2Strategy`` (``ModelParallelStrategy``,
 1 rank), actor + separate critic + bf16 reference built in ``configure_model`` and ``fully_shard``-ed per
 decoder layer with bf16 compute (``MixedPrecisionPolicy``) over float32 master weights, gradient
 checkpointing on. Each iteration: (1) rollout: Hugging Face ``generate`` with the policy's gathered
 weights (``FullWeightsForGeneration``), ``--rollouts`` prompts of 256 tokens, one turn of
 ``max_response_tokens`` = 800 sampled tokens (a random model does not stop early, so every row runs
-the full turn); (2) the PPO update of ``stepsearch.training.ppo_iteration`` (scoring passes, GAE,
+the full turn); (2) the PPO update of ``stepsearch.training.iteration.ppo_iteration`` (scoring passes, GAE,
 whitening, actor and critic AdamW steps, micro-batch 8) on trajectories at the recipe's full
 context (4,096 tokens, 30% policy tokens: the rest prompt and ``<information>``), synthetic token
 ids and rewards. Retrieval, rewards and MLflow are not involved (the GPU machine has no
@@ -89,8 +89,8 @@ def run(args) -> None:
     from torch.utils.data import DataLoader
 
     from stepsearch.models.policy import ActorCritic, PolicySettings
-    from stepsearch.sharding import FSDP2Strategy, clip_or_skip, collectives, shard_if_model_parallel
-    from stepsearch.training import RolloutBatch, ppo_iteration
+    from stepsearch.training.sharding import FSDP2Strategy, clip_or_skip, collectives, shard_if_model_parallel
+    from stepsearch.training.iteration import RolloutBatch, ppo_iteration
 
     root = Path(tempfile.mkdtemp(prefix="gpu_fsdp_"))
     t0 = time.perf_counter()

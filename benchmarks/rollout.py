@@ -43,7 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from stepsearch.rollout.decoding import ForwardAdapter, TurnOutput  # noqa: E402
-from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig, TurnLoopEngine, eos_token_ids  # noqa: E402
+from stepsearch.rollout.hf_engine import HFRolloutEngine
+from stepsearch.rollout.engine import RolloutConfig, TurnLoopEngine, eos_token_ids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STEPSEARCH_SHARED", REPO.parent / "shared")) / "data"

@@ -26,7 +26,7 @@ def build(work: Path, console):
     from stepsearch.retrieval.bm25 import BM25Retriever
     from stepsearch.retrieval.index import build_index
     from stepsearch.rollout.engine import RolloutConfig
-    from stepsearch.sft import WarmStartSettings, run_warm_start
+    from stepsearch.training.sft import WarmStartSettings, run_warm_start
 
     paths = write_world(WorldConfig(**QUICKSTART_WORLD), work / "world")
     retriever = BM25Retriever(build_index(paths["corpus"], work / "index", kind="bm25", show_progress=False))
@@ -44,7 +44,8 @@ def compare_backends(args) -> int:
     from rich.table import Table
 
     from stepsearch.models.loading import load_policy
-    from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
+    from stepsearch.rollout.engine import RolloutConfig
     from stepsearch.rollout.vllm_engine import VLLMRolloutEngine, build_llm
 
     from rollout import print_markdown

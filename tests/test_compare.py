@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from stepsearch.compare import compare, mean_std, runs_urls
+from stepsearch.commands.compare import compare, mean_std, runs_urls
 from stepsearch.errors import StepSearchError
 
 # algorithm -> seed -> val/em by step (0, 8, 16), and the last train reward

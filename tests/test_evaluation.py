@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from stepsearch.data.schema import Example, SubQuestion
-from stepsearch.evaluation import EvalAccumulator
+from stepsearch.evaluation.loop import EvalAccumulator
 from training_fixtures import _one_thread, rollout_config, training_env  # noqa: F401  (fixtures)
 
 
@@ -93,7 +93,7 @@ def galdresse_engine(training_env):
     """A scripted policy that opens an <answer>, searches instead, then answers: (engine, examples)."""
     from stepsearch.data.sources import load_examples
     from stepsearch.models.loading import load_tokenizer
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
     from stepsearch.rollout.scripted import ScriptedPolicy
 
     tokenizer = load_tokenizer(training_env.sft_dir)
@@ -107,7 +107,7 @@ def galdresse_engine(training_env):
 
 
 def test_record_score_and_prediction_rows_report_one_answer(galdresse_engine):
-    from stepsearch.evaluation import evaluate_examples, prediction_rows, rollout_and_score
+    from stepsearch.evaluation.loop import evaluate_examples, prediction_rows, rollout_and_score
     from stepsearch.rewards import RewardConfig
 
     engine, examples = galdresse_engine
@@ -127,7 +127,7 @@ def test_record_score_and_prediction_rows_report_one_answer(galdresse_engine):
 
 def test_rag_searches_the_question_once_and_direct_never(training_env):
     from stepsearch.data.sources import load_examples
-    from stepsearch.evaluation import method_engine, rollout_and_score
+    from stepsearch.evaluation.loop import method_engine, rollout_and_score
     from stepsearch.models.loading import load_tokenizer
     from stepsearch.rewards import RewardConfig
     from stepsearch.rollout.scripted import ScriptedPolicy

@@ -13,7 +13,7 @@ import pytest
 from training_fixtures import _one_thread, rollout_config, training_env  # noqa: F401  (fixtures)
 
 from stepsearch.errors import StepSearchError
-from stepsearch.suite import POLICY_CARD, Suite, load_suite, run_suite, sample_examples
+from stepsearch.commands.evaluate import POLICY_CARD, Suite, load_suite, run_suite, sample_examples
 
 
 def _norm(text: str) -> str:  # SQuAD v1.1, written out again on purpose
@@ -135,7 +135,7 @@ def test_bad_input_is_one_line(tmp_path, training_env):
 def test_ask_prints_the_trajectory_turn_by_turn(training_env, capsys):
     import argparse
 
-    from stepsearch.suite import run_ask
+    from stepsearch.commands.evaluate import run_ask
 
     question = [json.loads(line) for line in training_env.val.read_text().splitlines()][0]["question"]
     args = argparse.Namespace(question=question, model=str(training_env.sft_dir), index=str(training_env.index_dir),
@@ -151,7 +151,7 @@ def test_ask_prints_the_trajectory_turn_by_turn(training_env, capsys):
 def test_trajectory_lines_pair_searches_with_their_results():
     from types import SimpleNamespace
 
-    from stepsearch.suite import trajectory_lines
+    from stepsearch.commands.evaluate import trajectory_lines
 
     step = SimpleNamespace(passage_titles=["A", "B"], passage_ids=["1", "2"])
     record = SimpleNamespace(
@@ -166,7 +166,7 @@ def test_policy_settings_lookup_never_creates_a_store_or_trips_on_a_corrupt_card
     """A plain model directory and no MLflow store: nothing is created, the defaults are used; a
     truncated policy card is one error line naming the file."""
     from stepsearch.errors import StepSearchError
-    from stepsearch.suite import POLICY_CARD, policy_rollout
+    from stepsearch.commands.evaluate import POLICY_CARD, policy_rollout
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/absent.db")

@@ -66,7 +66,7 @@ def _fit(env, name: str, *, strategy="auto", precision="bf16-mixed", dtype="floa
 
     from stepsearch.data.datamodule import StepSearchDataModule
     from stepsearch.models.policy import PolicySettings
-    from stepsearch.module import OptimSettings, PPOSettings, StepSearchPPO
+    from stepsearch.training.module import OptimSettings, PPOSettings, StepSearchPPO
     from stepsearch.rollout.engine import RolloutConfig
 
     paths = env["paths"]

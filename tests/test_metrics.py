@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from stepsearch.metrics import ExactMatch, TokenF1, exact_match_score, f1_score, normalize_answer
+from stepsearch.evaluation.metrics import ExactMatch, TokenF1, exact_match_score, f1_score, normalize_answer
 
 
 @pytest.fixture(scope="module")

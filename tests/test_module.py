@@ -67,7 +67,7 @@ class PlacedRecorder:
     was given: (trajectory, placed rewards, trajectory scores)."""
 
     def __init__(self, monkeypatch):
-        import stepsearch.module as module_file
+        import stepsearch.training.module as module_file
 
         self.calls: list[tuple] = []
         original, original_score = module_file.StepSearchPPO.ppo_update, module_file.score_trajectories
@@ -214,9 +214,9 @@ DDP_SCRIPT = textwrap.dedent('''
     import training_fixtures as tf
     from stepsearch.data.datamodule import StepSearchDataModule
     from stepsearch.models.policy import PolicySettings
-    from stepsearch.module import OptimSettings, PPOSettings, StepSearchPPO
+    from stepsearch.training.module import OptimSettings, PPOSettings, StepSearchPPO
     from stepsearch.retrieval.factory import RetrieverConfig
-    from stepsearch.sharding import FSDP2Strategy
+    from stepsearch.training.sharding import FSDP2Strategy
 
     torch.set_num_threads(1)
     out, strategy, devices, steps = Path({out!r}), {strategy!r}, {devices}, {steps}
@@ -427,9 +427,9 @@ def test_lora_reference_is_the_base_with_adapters_disabled(training_env, tmp_pat
 def test_environment_tokens_get_no_policy_or_value_gradient(training_env):
     from stepsearch.data.sources import load_examples
     from stepsearch.models.policy import ActorCritic, PolicySettings
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
     from stepsearch.rollout.scripted import ScriptedPolicy
-    from stepsearch.sft import golden_turns
+    from stepsearch.training.sft import golden_turns
 
     ac = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir), critic="shared"))
     tokenizer = ac.tokenizer
@@ -470,7 +470,7 @@ def test_gradient_checkpointing_is_used_by_ppo_forwards(training_env):
     (dropout off) for PPO's forwards, also after the engine generated with the policy in eval mode."""
     from stepsearch.data.sources import load_examples
     from stepsearch.models.policy import ActorCritic, PolicySettings
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
 
     ac = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir), gradient_checkpointing=True))
     plain = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir)))
@@ -511,10 +511,10 @@ def test_skipped_steps_count_survives_a_checkpoint(monkeypatch):
     """``train/skipped_steps`` is a running count: a resumed run continues it, never restarts at 0."""
     from types import SimpleNamespace
 
-    import stepsearch.continuation
-    from stepsearch.module import StepSearchPPO
+    import stepsearch.data.continuation
+    from stepsearch.training.module import StepSearchPPO
 
-    monkeypatch.setattr(stepsearch.continuation, "all_rng_states", lambda trainer: [])
+    monkeypatch.setattr(stepsearch.data.continuation, "all_rng_states", lambda trainer: [])
     before = StepSearchPPO()
     before._trainer = SimpleNamespace(global_step=5, world_size=1, global_rank=0)
     before.skipped_steps = 3

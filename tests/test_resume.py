@@ -1,4 +1,4 @@
-"""Runs that survive (``stepsearch.runs``), driven as a user would: ``python -m stepsearch fit`` in
+"""Runs that survive (``stepsearch.records.runs``), driven as a user would: ``python -m stepsearch fit`` in
 subprocesses on a tiny quickstart, killed (SIGKILL), preempted (SIGTERM), interrupted (Ctrl-C) and
 resumed with ``--ckpt_path last``; the MLflow store and the checkpoints are read back.
 
@@ -201,7 +201,7 @@ def test_rng_states_round_trip():
 
     import numpy as np
 
-    from stepsearch.continuation import all_rng_states, set_rng_state
+    from stepsearch.data.continuation import all_rng_states, set_rng_state
 
     (state,) = all_rng_states(SimpleNamespace(world_size=1))
     first = (random.random(), float(np.random.rand()), torch.rand(3))

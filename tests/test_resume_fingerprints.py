@@ -11,9 +11,9 @@ import pytest
 
 from stepsearch.errors import StepSearchError
 from stepsearch.retrieval.factory import RetrieverConfig
-from stepsearch.runs import FINGERPRINT_FILE, check_fingerprint, write_fingerprint
-from stepsearch.bootstrap import upgrade_warm_start_settings, warm_start_fingerprint_settings
-from stepsearch.sft import WarmStartSettings
+from stepsearch.records.runs import FINGERPRINT_FILE, check_fingerprint, write_fingerprint
+from stepsearch.training.bootstrap import upgrade_warm_start_settings, warm_start_fingerprint_settings
+from stepsearch.training.sft import WarmStartSettings
 
 
 def _artefact(folder, fingerprint_text=None):

@@ -9,9 +9,9 @@ from training_fixtures import _one_thread, rollout_config, training_env  # noqa:
 
 from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
 from stepsearch.errors import StepSearchError
-from stepsearch.runs import write_fingerprint
-from stepsearch.bootstrap import run_bootstrap, tiny_fingerprint_settings, warm_start_fingerprint_settings
-from stepsearch.sft import (
+from stepsearch.records.runs import write_fingerprint
+from stepsearch.training.bootstrap import run_bootstrap, tiny_fingerprint_settings, warm_start_fingerprint_settings
+from stepsearch.training.sft import (
     BootstrapSettings,
     Demonstration,
     TinyModelSettings,

@@ -32,8 +32,8 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     import training_fixtures as tf
     from stepsearch.models.policy import PolicySettings
-    from stepsearch.module import OptimSettings, PPOSettings, StepSearchPPO
-    from stepsearch.sharding import FSDP2Strategy, check_strategy_and_sizes
+    from stepsearch.training.module import OptimSettings, PPOSettings, StepSearchPPO
+    from stepsearch.training.sharding import FSDP2Strategy, check_strategy_and_sizes
 
     torch.set_num_threads(1)
     out, strategy, devices, max_steps = Path({out!r}), {strategy!r}, {devices}, {max_steps}

@@ -11,7 +11,7 @@ import pytest
 from lightning.pytorch.loggers import MLFlowLogger
 from training_fixtures import _one_thread, rollout_config, training_env  # noqa: F401  (fixtures)
 
-from stepsearch.tracking import (
+from stepsearch.records.tracking import (
     default_tracking_uri,
     log_trajectory_samples,
     report_before_after,
@@ -26,9 +26,9 @@ def scripted_batch(training_env):
     from stepsearch.data.sources import load_examples
     from stepsearch.models.loading import load_tokenizer
     from stepsearch.rewards import RewardConfig, score_trajectories
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
     from stepsearch.rollout.scripted import ScriptedPolicy
-    from stepsearch.sft import golden_turns
+    from stepsearch.training.sft import golden_turns
 
     tokenizer = load_tokenizer(training_env.sft_dir)
     examples = [ex for ex in load_examples(training_env.train) if ex.num_hops == 2][:2]
@@ -135,7 +135,7 @@ def test_default_tracking_uri(monkeypatch):
 
 
 def test_logger_reads_the_environment_when_made(monkeypatch, tmp_path):
-    from stepsearch.tracking import MLFlowLogger
+    from stepsearch.records.tracking import MLFlowLogger
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
     assert MLFlowLogger(experiment_name="x")._tracking_uri == f"sqlite:///{tmp_path}/env.db"
@@ -157,8 +157,8 @@ def yaml_text(path) -> str:
 def test_effective_config_tags_and_run_name(algorithm, name, step_rewards, tmp_path):
     import mlflow
 
-    from stepsearch.module import PPOSettings, StepSearchPPO
-    from stepsearch.tracking import effective_settings, log_effective_config, run_name_from_tags, run_tags
+    from stepsearch.training.module import PPOSettings, StepSearchPPO
+    from stepsearch.records.tracking import effective_settings, log_effective_config, run_name_from_tags, run_tags
 
     module = StepSearchPPO(ppo=PPOSettings(algorithm=algorithm), seed=3)
     tags = run_tags(module)
@@ -181,7 +181,7 @@ def test_effective_config_tags_and_run_name(algorithm, name, step_rewards, tmp_p
 def test_lightning_hyperparameters_are_not_logged_twice(tmp_path):
     import mlflow
 
-    from stepsearch.tracking import MLFlowLogger
+    from stepsearch.records.tracking import MLFlowLogger
 
     logger = MLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
     logger.log_hyperparams({"model": {"ppo": "PPOSettings(...)"}, "rollout": "RolloutConfig(...)"})
@@ -189,8 +189,8 @@ def test_lightning_hyperparameters_are_not_logged_twice(tmp_path):
 
 
 def test_policy_settings_from_its_run_without_a_card(tmp_path, monkeypatch):
-    from stepsearch.suite import policy_rollout
-    from stepsearch.tracking import MLFlowLogger, log_effective_config
+    from stepsearch.commands.evaluate import policy_rollout
+    from stepsearch.records.tracking import MLFlowLogger, log_effective_config
 
     logger = MLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
     log_effective_config(logger.experiment, logger.run_id, {"model.rollout.template": "compact",
@@ -206,8 +206,8 @@ def test_policy_card_and_curves(tmp_path):
     import mlflow
 
     from stepsearch.rollout.engine import RolloutConfig
-    from stepsearch.suite import policy_rollout
-    from stepsearch.tracking import MLFlowLogger, _log_curves, log_policy_dir
+    from stepsearch.commands.evaluate import policy_rollout
+    from stepsearch.records.tracking import MLFlowLogger, _log_curves, log_policy_dir
 
     logger = MLFlowLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path}/m.db")
     for step, (em, f1) in enumerate([(0.1, 0.1), (0.3, 0.3)]):  # EM equal to F1: both must still show
@@ -240,9 +240,9 @@ def test_save_config_logs_what_the_module_uses_not_what_the_config_said(tmp_path
     import mlflow
     from jsonargparse import ArgumentParser
 
-    from stepsearch.module import PPOSettings, StepSearchPPO
-    from stepsearch.tracking import MLFlowLogger as StepSearchMLFlowLogger
-    from stepsearch.tracking import MLflowSaveConfigCallback
+    from stepsearch.training.module import PPOSettings, StepSearchPPO
+    from stepsearch.records.tracking import MLFlowLogger as StepSearchMLFlowLogger
+    from stepsearch.records.tracking import MLflowSaveConfigCallback
 
     parser = ArgumentParser()
     parser.add_argument("--model.rewards.step_rewards", type=bool, default=True)

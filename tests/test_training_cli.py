@@ -182,8 +182,8 @@ def test_one_seed_flag_gives_a_separate_complete_run(tmp_path, monkeypatch):
     import sys
 
     from stepsearch.data.datamodule import StepSearchDataModule
-    from stepsearch.module import StepSearchPPO
-    from stepsearch.trainer_cli import RunSession, SaveConfigCallback, StepSearchCLI, _run_dir, trainer_defaults
+    from stepsearch.training.module import StepSearchPPO
+    from stepsearch.commands.fit import RunSession, SaveConfigCallback, StepSearchCLI, _run_dir, trainer_defaults
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["stepsearch"])

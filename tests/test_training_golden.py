@@ -18,8 +18,8 @@ import torch
 from training_fixtures import _one_thread, plain_collectives, synthetic_batch, tiny_model_dir  # noqa: F401
 
 from stepsearch.models.policy import ActorCritic, PolicySettings
-from stepsearch.module import PPOSettings
-from stepsearch.training import ppo_iteration
+from stepsearch.training.module import PPOSettings
+from stepsearch.training.iteration import ppo_iteration
 
 TEMPERATURE = 0.7
 BETA = 0.05

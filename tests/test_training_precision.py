@@ -14,8 +14,8 @@ from training_fixtures import REPO, _one_thread, plain_collectives, synthetic_ba
 
 from stepsearch.errors import StepSearchError
 from stepsearch.models.policy import ActorCritic, PolicySettings
-from stepsearch.module import OptimSettings, PPOSettings
-from stepsearch.training import actor_update, compute_advantages, minibatch_schedule, score_rollouts
+from stepsearch.training.module import OptimSettings, PPOSettings
+from stepsearch.training.iteration import actor_update, compute_advantages, minibatch_schedule, score_rollouts
 
 RECIPES = ["configs/stepsearch_qwen2.5_3b.yaml", "experiments/stepsearch_qwen2.5_7b.yaml"]
 
@@ -64,7 +64,7 @@ def test_recipe_precision_moves_the_weights(tiny_dir, recipe):
 
 def test_pure_bf16_weights_at_the_recipe_lr_barely_move_and_are_refused(tiny_dir):
     assert _moved_fraction(tiny_dir, "bfloat16", 5e-7, autocast=False) < 0.1
-    from stepsearch.sharding import check_strategy_and_sizes
+    from stepsearch.training.sharding import check_strategy_and_sizes
 
     trainer = SimpleNamespace(strategy=object(), datamodule=None, world_size=1, global_rank=0)
     module = SimpleNamespace(trainer=trainer, _trainer=trainer, model_settings=PolicySettings(dtype="bf16"),
@@ -77,7 +77,7 @@ def test_pure_bf16_weights_at_the_recipe_lr_barely_move_and_are_refused(tiny_dir
 
 
 def test_global_sizes_that_do_not_divide_fail_in_one_line():
-    from stepsearch.sharding import check_strategy_and_sizes
+    from stepsearch.training.sharding import check_strategy_and_sizes
 
     trainer = SimpleNamespace(strategy=object(), datamodule=SimpleNamespace(batch_size=12), world_size=8, global_rank=0)
     module = SimpleNamespace(trainer=trainer, _trainer=trainer, model_settings=PolicySettings(), optim=OptimSettings(),

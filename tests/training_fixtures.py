@@ -81,7 +81,7 @@ def _build_env(root: Path) -> TrainingEnv:
     from stepsearch.models.tiny import make_tiny_model
     from stepsearch.retrieval.bm25 import BM25Retriever
     from stepsearch.retrieval.index import build_index
-    from stepsearch.sft import WarmStartSettings, run_warm_start
+    from stepsearch.training.sft import WarmStartSettings, run_warm_start
 
     paths = write_world(WorldConfig(seed=0, **WORLD_SIZES), root / "world")
     index_dir = build_index(paths["corpus"], root / "index_bm25", kind="bm25", show_progress=False)
@@ -123,7 +123,7 @@ def make_datamodule(env: TrainingEnv, **overrides):
 def make_module(env: TrainingEnv, *, ppo=None, model=None, optim=None, rewards=None, rollout=None, **kwargs):
     """A ``StepSearchPPO`` on the warm-started policy; several optimizer steps per PPO iteration."""
     from stepsearch.models.policy import PolicySettings
-    from stepsearch.module import OptimSettings, PPOSettings, StepSearchPPO
+    from stepsearch.training.module import OptimSettings, PPOSettings, StepSearchPPO
 
     ppo_settings = PPOSettings(**{"ppo_epochs": 2, "mini_batch_size": 2, "micro_batch_size": 1, **(ppo or {})})
     model_settings = PolicySettings(**{"name_or_path": str(env.sft_dir), **(model or {})})
@@ -165,7 +165,7 @@ def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0, group_siz
     """A ``RolloutBatch`` of random tokens with prompt/response/observation/padding structure: per
     row a prompt of 3–5 tokens, a response with a 2-token "observation" block cut out of the policy
     mask, right padding, and placed scores at a few policy tokens."""
-    from stepsearch.training import RolloutBatch
+    from stepsearch.training.iteration import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (rows, length), generator=g)
@@ -193,7 +193,7 @@ def synthetic_batch(rows: int, length: int, vocab: int, seed: int = 0, group_siz
 
 def plain_collectives():
     """Single-process :class:`Collectives` with a plain optimizer step (norm not measured: 0)."""
-    from stepsearch.training import Collectives
+    from stepsearch.training.iteration import Collectives
 
     def step(optimizer, params):
         optimizer.step()

@@ -1,6 +1,6 @@
 """``python -m stepsearch``: the training subcommands (LightningCLI) and the tool subcommands.
 
-``fit``/``validate``/``test``/``predict`` go to LightningCLI (``stepsearch.trainer_cli``), so every
+``fit``/``validate``/``test``/``predict`` go to LightningCLI (``stepsearch.commands.fit``), so every
 Lightning flag works (``--trainer.strategy ddp``, ``--trainer.num_nodes 2``, ``--config exp.yaml``).
 The other subcommands are plain argparse commands; each lives next to the code it drives as a pair
 ``configure_<name>(parser)`` / ``run_<name>(args)`` in a module that is cheap to import (heavy
@@ -32,23 +32,14 @@ COMMANDS: dict = {
     "model": {
         "tiny": ("stepsearch.models.tiny", "model_tiny", "Make a tiny Qwen2-architecture model + BPE tokenizer offline."),
     },
-    "sft": ("stepsearch.sft", "sft", "Supervised warm-start on golden search trajectories."),
-    "evaluate": ("stepsearch.suite", "evaluate", "Benchmark table: EM/F1 of agent/rag/direct per benchmark (Markdown, CSV, MLflow, JSONL)."),
-    "ask": ("stepsearch.suite", "ask", "Ask a policy one question; print its trajectory turn by turn."),
-    "compare": ("stepsearch.compare", "compare", "Runs from MLflow grouped by a param/tag: mean ± std table and curves PNG."),
-    "ui": ("stepsearch.compare", "ui", "Start `mlflow ui` on the store and print each experiment's runs-table URL."),
+    "sft": ("stepsearch.training.sft", "sft", "Supervised warm-start on golden search trajectories."),
+    "evaluate": ("stepsearch.commands.evaluate", "evaluate", "Benchmark table: EM/F1 of agent/rag/direct per benchmark (Markdown, CSV, MLflow, JSONL)."),
+    "ask": ("stepsearch.commands.evaluate", "ask", "Ask a policy one question; print its trajectory turn by turn."),
+    "compare": ("stepsearch.commands.compare", "compare", "Runs from MLflow grouped by a param/tag: mean ± std table and curves PNG."),
+    "ui": ("stepsearch.commands.compare", "ui", "Start `mlflow ui` on the store and print each experiment's runs-table URL."),
 }
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts and k: a clear usage error for 0, negatives and non-numbers."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _add_command(subparsers, name: str, spec) -> None:
@@ -83,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-            from stepsearch.trainer_cli import run_lightning
+            from stepsearch.commands.fit import run_lightning
 
             try:
                 run_lightning(argv)

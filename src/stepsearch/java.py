@@ -11,7 +11,7 @@ On Java >= 23 we also pass ``--sun-misc-unsafe-memory-access=allow``: Anserini 1
 calls ``sun.misc.Unsafe`` and JDK 24+ would otherwise print a four-line warning on every start.
 
 Signals: the JVM is started with ``-Xrs`` so that it leaves SIGINT/SIGTERM/SIGHUP to Python (Ctrl-C
-is a ``KeyboardInterrupt``, SIGTERM a checkpoint-and-stop in ``fit``), see ``stepsearch.runs``.
+is a ``KeyboardInterrupt``, SIGTERM a checkpoint-and-stop in ``fit``), see ``stepsearch.records.runs``.
 
 ``pyserini.search``/``pyserini.encode`` build an OpenAI client at import time and openai >= 2 refuses
 an empty key; wrap such imports in :func:`pyserini_imports` (our own retrieval code avoids them by

@@ -138,7 +138,8 @@ def test_rollouts_are_served_with_the_current_policy(tmp_path):
 
     from stepsearch.models.loading import load_policy
     from stepsearch.models.tiny import make_tiny_model
-    from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
+    from stepsearch.rollout.engine import RolloutConfig
 
     dm = StepSearchDataModule(world=WorldConfig(seed=0, **SMALL_WORLD), world_dir=str(tmp_path / "world"), batch_size=4)
     dm.prepare_data()

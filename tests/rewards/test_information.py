@@ -10,7 +10,7 @@ import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
-from stepsearch.metrics import normalize_answer
+from stepsearch.evaluation.metrics import normalize_answer
 from stepsearch.retrieval.base import split_contents
 from stepsearch.rewards import (
     dense_similarity,

@@ -9,7 +9,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics.pairwise import cosine_similarity
 
 from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
-from stepsearch.metrics import normalize_answer
+from stepsearch.evaluation.metrics import normalize_answer
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.trajectory import SearchStep, Trajectory, TrajectoryRecord
 

@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig, RolloutEngine
+from stepsearch.rollout.hf_engine import HFRolloutEngine
+from stepsearch.rollout.engine import RolloutConfig, RolloutEngine
 
 QUESTIONS = ["Who was the drummer of Toto", "Where is Atlanta?", "What did Robert Plant do after 1980",
              "Which band is from Georgia", "x"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from stepsearch.rollout import template as tpl
-from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+from stepsearch.rollout.hf_engine import HFRolloutEngine
+from stepsearch.rollout.engine import RolloutConfig
 from stepsearch.rollout.scripted import ScriptedPolicy
 
 

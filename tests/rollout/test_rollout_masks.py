@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from stepsearch.rollout import template as tpl
-from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+from stepsearch.rollout.hf_engine import HFRolloutEngine
+from stepsearch.rollout.engine import RolloutConfig
 from stepsearch.rollout.scripted import ScriptedPolicy
 
 SCRIPTS = {

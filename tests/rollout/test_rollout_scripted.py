@@ -69,7 +69,8 @@ def test_cache_rows_can_be_selected(tiny):
 
 
 def test_memo_stays_small(tiny, retriever):
-    from stepsearch.rollout.engine import HFRolloutEngine, RolloutConfig
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
+    from stepsearch.rollout.engine import RolloutConfig
 
     _, tokenizer = tiny
     long_turn = "<think> long " + "word " * 30 + "</think><answer> a </answer>"

@@ -34,7 +34,7 @@ def policy(vllm_env):
 
 
 def engines(vllm_env, vllm_llm, model, tokenizer, **overrides):
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
     from stepsearch.rollout.vllm_engine import VLLMRolloutEngine
 
     config = vllm_rollout_config(**overrides)

@@ -32,7 +32,7 @@ def vllm_env(tmp_path_factory):
     from stepsearch.models.tiny import make_tiny_model
     from stepsearch.retrieval.bm25 import BM25Retriever
     from stepsearch.retrieval.index import build_index
-    from stepsearch.sft import WarmStartSettings, run_warm_start
+    from stepsearch.training.sft import WarmStartSettings, run_warm_start
 
     root = tmp_path_factory.mktemp("vllm_env")
     with one_thread():

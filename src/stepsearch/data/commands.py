@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepsearch.cli import positive_int
+from stepsearch.arguments import positive_int
 
 OUTPUT_FORMATS = ("stepsearch", "stepsearch_release", "searchr1_parquet")
 INPUT_FORMATS = ("stepsearch", "hotpotqa", "musique", "2wiki", "flashrag", "stepsearch_release", "searchr1_parquet")

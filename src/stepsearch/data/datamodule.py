@@ -17,7 +17,7 @@ build an index, ``prepare_data`` does it on the rank that prepares data.
 
 Rollouts (METHOD.md §1): the LightningModule hands its live policy over once per process
 (:meth:`StepSearchDataModule.attach_policy`, in its ``setup``); the DataModule then owns the engine
-``rollout.backend`` names (Hugging Face or vLLM, :func:`stepsearch.rollout.engine.build_engine`)
+``rollout.backend`` names (Hugging Face or vLLM, :func:`stepsearch.rollout.factory.build_engine`)
 over its retriever, and serves rollout batches through :meth:`~StepSearchDataModule.rollout` (and the
 engine itself as :attr:`~StepSearchDataModule.rollouts`). Never stale: loaders yield questions only,
 and a rollout is generated when the module asks for it inside ``training_step``, after the previous
@@ -229,7 +229,7 @@ class StepSearchDataModule(pl.LightningDataModule):
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             sampler = GlobalBatchSampler(len(examples), self.batch_size, rank=rank, world_size=world, seed=self.seed)
-        from stepsearch.continuation import ResumableDataLoader  # train: the data order survives a resume
+        from stepsearch.data.continuation import ResumableDataLoader  # train: the data order survives a resume
 
         return (ResumableDataLoader if train else DataLoader)(
             ExampleDataset(examples),
@@ -286,7 +286,7 @@ class StepSearchDataModule(pl.LightningDataModule):
         key = (id(model), repr(rollout), model_path)
         if self._engine is not None and self._engine_key == key:
             return
-        from stepsearch.rollout.engine import build_engine
+        from stepsearch.rollout.factory import build_engine
 
         self._engine = build_engine(rollout, model, tokenizer, self.retriever, model_path=model_path)
         self._engine_key = key

@@ -4,14 +4,14 @@
 of ranks: epoch ``e`` draws one permutation of the training examples from a generator seeded by
 ``(seed, e)``; global batch ``k`` is positions ``[k·B, (k+1)·B)`` of it, and rank ``r`` of ``W``
 takes positions ``r, r+W, r+2W, …`` of that batch (``B/W`` prompts), which is the layout
-``stepsearch.training`` assumes when it forms minibatches and GRPO groups across ranks (local prompt
+``stepsearch.training.iteration`` assumes when it forms minibatches and GRPO groups across ranks (local prompt
 ``j`` of rank ``r`` is global prompt ``j·W + r``). One process takes the whole batch in order.
 
 The last global batch of an epoch is filled up to ``B`` with the first examples of the epoch's
 order (as ``DistributedSampler`` pads, but identically for any ``W``): every iteration trains on
 ``B`` prompts, and no example is dropped. The order is a function of ``(seed, epoch)`` only, so a
 resumed run (Lightning restores the epoch and calls :meth:`set_epoch`) draws the same one; the
-loader skips the batches already trained on (``stepsearch.continuation.ResumableDataLoader``).
+loader skips the batches already trained on (``stepsearch.data.continuation.ResumableDataLoader``).
 
 It subclasses ``DistributedSampler`` so that Lightning keeps it under DDP/FSDP2 instead of putting
 its own distributed sampler in its place (which would stride the whole epoch, not each batch).

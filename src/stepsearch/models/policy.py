@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stepsearch.errors import StepSearchError
+from stepsearch.models.sharded_generation import FullWeightsForGeneration, reshard_after_generation
 
 
 @dataclass
@@ -337,17 +338,13 @@ class ActorCritic(nn.Module):
     # ------------------------------------------------------------------ generation / export
     def generation_model(self) -> nn.Module:
         """The module the rollout engine generates with (the live policy, updated in place by PPO).
-        Under FSDP2 a wrapper that gathers the full weights once per rollout (see ``sharding``)."""
+        Under FSDP2 a wrapper that gathers the full weights once per rollout (see ``models.sharded_generation``)."""
         if self.sharded:
-            from stepsearch.sharding import FullWeightsForGeneration
-
             return FullWeightsForGeneration(self)
         return self.policy
 
     def _leave_generation(self) -> None:
         if self.sharded:
-            from stepsearch.sharding import reshard_after_generation
-
             reshard_after_generation(self)
 
     def gather_policy_state(self) -> dict | None:
@@ -356,8 +353,6 @@ class ActorCritic(nn.Module):
         if not self.sharded:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from stepsearch.sharding import reshard_after_generation
 
         reshard_after_generation(self)
         return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

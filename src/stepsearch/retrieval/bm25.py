@@ -19,6 +19,7 @@ from pathlib import Path
 
 from stepsearch.errors import RetrievalError
 from stepsearch.retrieval._lucene import JVM_LOCK, java_error_message, lucene
+from stepsearch.retrieval.index_meta import read_index_meta
 from stepsearch.retrieval.base import Passage, check_search_args, split_contents
 
 INDEX_BATCH = 2000
@@ -94,8 +95,6 @@ class BM25Retriever:
     that stores ``contents`` or ``raw``)."""
 
     def __init__(self, index_dir: str | Path, threads: int = 2, k1: float = 0.9, b: float = 0.4) -> None:
-        from stepsearch.retrieval.index import read_index_meta
-
         self.index_dir = Path(index_dir)
         self.meta = read_index_meta(self.index_dir)
         if self.meta.kind != "bm25":

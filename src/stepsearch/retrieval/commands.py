@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from stepsearch.cli import positive_int
+from stepsearch.arguments import positive_int
 from stepsearch.errors import DataError, StepSearchError
 
 QUERY_FIELDS = ("query", "question")
@@ -263,7 +263,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="search threads (default: 2)")
     parser.add_argument("--cache-size", type=int, default=0, help="LRU cache entries (default: 0 = off)")
     parser.add_argument("--topk", type=positive_int, default=3, help="default topk when a request has none")
-    parser.add_argument("--max-batch", type=positive_int, default=512, help="max queries per request")
+    parser.add_argument("--max-batch", type=positive_int, default=8192,
+                        help="max queries per request; more get 413 (default: 8192, every released recipe fits)")
     parser.add_argument("--max-query-chars", type=positive_int, default=4096, help="max characters per query")
     parser.add_argument("--max-topk", type=positive_int, default=100, help="max topk per request")
     parser.add_argument("--max-queue", type=positive_int, default=256,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from stepsearch.errors import RetrievalError
+from stepsearch.retrieval.index_meta import IndexMeta, read_index_meta
 from stepsearch.retrieval.base import Passage, check_search_args
 from stepsearch.retrieval.docstore import DocStore, DocStoreWriter, JsonlRowStore, corpus_row_starts
 from stepsearch.retrieval.encoder import TextEncoder
@@ -170,8 +171,6 @@ class DenseRetriever:
         device: str | None = None,
     ) -> None:
         import faiss
-
-        from stepsearch.retrieval.index import IndexMeta, read_index_meta
 
         self.index_dir = Path(index_dir)
         if self.index_dir.is_file():  # a FAISS file built elsewhere, with its corpus JSONL

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
-from stepsearch.metrics import normalize_answer
+from stepsearch.evaluation.metrics import normalize_answer
 
 if TYPE_CHECKING:
     from stepsearch.rollout.trajectory import SearchStep

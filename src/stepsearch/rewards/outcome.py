@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from stepsearch.metrics import exact_match_score, f1_score
+from stepsearch.evaluation.metrics import exact_match_score, f1_score
 
 
 def answer_reward(prediction: str | None, golds: Sequence[str], metric: str = "f1") -> float:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from stepsearch.data.schema import Example
-from stepsearch.metrics import exact_match_score, f1_score
+from stepsearch.evaluation.metrics import exact_match_score, f1_score
 from stepsearch.rewards.config import RewardConfig
 from stepsearch.rewards.format import extract_answer, is_valid_format
 from stepsearch.rewards.information import (

@@ -19,7 +19,7 @@ re-tokenized the text and went on. The context is capped at ``max_context_tokens
 Backends implement ``_generate_turn`` (contexts in, generated ids and their log-probs out): the
 Hugging Face engine (batched KV-cache decoding, :mod:`stepsearch.rollout.decoding`) and the vLLM
 engine (:mod:`stepsearch.rollout.vllm_engine`, ``rollout.backend: vllm``), built by
-:func:`build_engine`.
+:func:`stepsearch.rollout.factory.build_engine`.
 
 Turns that do not wait for each other (``rollout.independent_turns``, backends with continuous
 batching: vLLM): instead of the batch-synchronous loop above, every trajectory runs its own turn
@@ -431,29 +431,3 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     extra = getattr(generation_config, "eos_token_id", None)
     ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
     return sorted(i for i in ids if i is not None)
-
-
-def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, *,
-                 model_path: str | None = None) -> TurnLoopEngine:
-    """The rollout engine ``config.backend`` names, generating with ``model`` (the live policy).
-
-    ``vllm`` loads ``model_path`` (the policy's Hugging Face directory, for the architecture) into a
-    colocated vLLM engine and syncs ``model``'s weights into it before its first rollout and after
-    every :meth:`TurnLoopEngine.policy_updated`.
-    """
-    if config.backend == "vllm":
-        from stepsearch.rollout.vllm_engine import VLLMRolloutEngine
-
-        return VLLMRolloutEngine.from_policy(model, tokenizer, retriever, config, model_path=model_path)
-    from stepsearch.rollout.hf_engine import HFRolloutEngine
-
-    return HFRolloutEngine(model, tokenizer, retriever, config)
-
-
-def __getattr__(name: str):
-    # ``HFRolloutEngine`` lives in ``hf_engine`` (it subclasses TurnLoopEngine); still importable from here.
-    if name == "HFRolloutEngine":
-        from stepsearch.rollout.hf_engine import HFRolloutEngine
-
-        return HFRolloutEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -154,7 +154,7 @@ def _hit_all_golden(example, record, demo: Demonstration = Demonstration()) -> b
 def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, key_index: int = 0,
                                 require_golden_hits: bool = True, batch_size: int = 32, demos=None):
     """Run the engine with a scripted policy; returns (trajectories, kept, dropped)."""
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
     from stepsearch.rollout.scripted import ScriptedPolicy
 
     demos = list(demos) if demos is not None else [Demonstration()] * len(examples)

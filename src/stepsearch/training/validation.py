@@ -1,6 +1,6 @@
-"""Validation, test and predict hooks of :class:`stepsearch.module.StepSearchPPO` (a mixin).
+"""Validation, test and predict hooks of :class:`stepsearch.training.module.StepSearchPPO` (a mixin).
 
-Greedy rollouts through the one evaluation path (:func:`stepsearch.evaluation.rollout_and_score`),
+Greedy rollouts through the one evaluation path (:func:`stepsearch.evaluation.loop.rollout_and_score`),
 EM/F1 (SQuAD normalisation) overall, per dataset and per hop count; a validation pass at step 0
 (after any warm-start, before the first update) and at the last iteration, outside Lightning's
 schedule, logged at the PPO iteration; sample trajectories to MLflow. Expects ``val_metrics``,
@@ -23,7 +23,7 @@ class EvaluationHooks:
     def final_validation(self) -> None:
         """A last validation at the final iteration, unless the schedule just ran one there (or a
         signal stopped the run: the resumed run validates at its end). Also called by the run's
-        checkpoint callback before it saves the final checkpoint (``stepsearch.runs``)."""
+        checkpoint callback before it saves the final checkpoint (``stepsearch.records.runs``)."""
         if self.last_val_step != self.trainer.global_step and not getattr(self.trainer, "stepsearch_stopped", None):
             self.validation_pass("last")
 
@@ -47,7 +47,7 @@ class EvaluationHooks:
         return self.val_metrics.compute(prefix)
 
     def _eval_batch(self, batch) -> None:
-        from stepsearch.evaluation import rollout_and_score  # the one evaluation path (evaluate, predict)
+        from stepsearch.evaluation.loop import rollout_and_score  # the one evaluation path (evaluate, predict)
 
         examples = list(batch)
         trajectory, scores = rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config)
@@ -84,14 +84,14 @@ class EvaluationHooks:
         if prefix == "val":
             self.last_val_step = self.trainer.global_step
         if self.val_metrics.samples is not None:
-            from stepsearch.tracking import log_trajectory_samples
+            from stepsearch.records.tracking import log_trajectory_samples
 
             trajectory, scores, examples = self.val_metrics.samples
             log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
                                    f"samples/{prefix}_step{self.trainer.global_step:05d}", self.num_logged_samples)
 
     def predict_step(self, batch, batch_idx):
-        from stepsearch.evaluation import prediction_rows, rollout_and_score
+        from stepsearch.evaluation.loop import prediction_rows, rollout_and_score
 
         examples = list(batch)
         return prediction_rows(examples, *rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config))

@@ -1,4 +1,4 @@
-"""LightningCLI for ``fit``/``validate``/``test``/``predict``, with runs that survive (``stepsearch.runs``).
+"""LightningCLI for ``fit``/``validate``/``test``/``predict``, with runs that survive (``stepsearch.records.runs``).
 
 The module (``StepSearchPPO``) and the DataModule (``StepSearchDataModule``) signatures are the YAML
 schema (``python -m stepsearch fit --print_config`` shows it). Defaults: MLflow logger at
@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
 from stepsearch.errors import ConfigError, StepSearchError
-from stepsearch.tracking import MLflowSaveConfigCallback
+from stepsearch.records.tracking import MLflowSaveConfigCallback
 
 # Config keys that hold seeds: ``--seed S`` sets every one present (the world, the tiny model, the
 # warm-start, the data order, rollout sampling, and Lightning's global seed).
@@ -52,7 +52,7 @@ class SaveConfigCallback(MLflowSaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if not self.resume_number:
             return super().save_config(trainer, pl_module, stage)
-        from stepsearch.runs import mlflow_run
+        from stepsearch.records.runs import mlflow_run
 
         client, run_id = mlflow_run(trainer.logger)
         if client is not None:
@@ -193,7 +193,7 @@ class RunSession:
         """The one line for Ctrl-C during ``fit`` (after marking the MLflow run KILLED), else ``None``."""
         if self.preemption is None or not self.preemption.interrupted or self.trainer is None:
             return None
-        from stepsearch.runs import find_last_checkpoint, mlflow_run
+        from stepsearch.records.runs import find_last_checkpoint, mlflow_run
 
         self.preemption.after_fit(self.trainer)  # marks the MLflow run KILLED
         _, run_id = mlflow_run(self.trainer.logger)
@@ -207,7 +207,7 @@ def trainer_defaults() -> dict:
     return {
         "logger": {
             # the store: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db, resolved when the logger is made
-            "class_path": "stepsearch.tracking.MLFlowLogger",
+            "class_path": "stepsearch.records.tracking.MLFlowLogger",
             "init_args": {"experiment_name": "stepsearch"},
         },
         "num_sanity_val_steps": 0,
@@ -227,7 +227,7 @@ def run_lightning(argv: list[str]) -> StepSearchCLI | None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "KeyboardInterrupt" not in record.getMessage())
     from stepsearch.data.datamodule import StepSearchDataModule
-    from stepsearch.module import StepSearchPPO
+    from stepsearch.training.module import StepSearchPPO
 
     import signal
 
@@ -270,7 +270,7 @@ class StepSearchInterrupted(StepSearchError):
 def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
     """Before ``trainer.fit``: the run directory, the resume (checkpoint, MLflow run, config check),
     checkpoint names, the run record and the signal handlers."""
-    from stepsearch import runs
+    from stepsearch.records import runs
 
     config, init, trainer = cli._subconfig(), cli.config_init[cli.subcommand], cli.trainer
     flat = runs.flat_config(config)
@@ -313,7 +313,7 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
 
 
 def _run_dir(config, seed: int, ckpt_path) -> Path:
-    from stepsearch import runs
+    from stepsearch.records import runs
 
     if config.get("run_dir"):
         return Path(config["run_dir"])
@@ -328,7 +328,7 @@ def _run_dir(config, seed: int, ckpt_path) -> Path:
 
 def _resume(run_dir: Path, record: dict | None, ckpt_path: str, flat: dict, allow_change: bool) -> dict:
     """Which checkpoint to resume, and the config changes (refused unless allowed)."""
-    from stepsearch import runs
+    from stepsearch.records import runs
 
     if ckpt_path == "last":
         checkpoint = runs.find_last_checkpoint(run_dir)
@@ -360,7 +360,7 @@ def _attach_mlflow_run(trainer, cli, record: dict, number: int) -> None:
     except MlflowException:
         raise StepSearchError(f"run.json names MLflow run {run_id}, which the store {logger._tracking_uri} does not "
                               "hold: resume with the same trainer.logger settings") from None
-    from stepsearch.runs import LogOnce
+    from stepsearch.records.runs import LogOnce
 
     logger._run_id = run_id
     logger.log_hyperparams = lambda *args, **kwargs: None
@@ -383,7 +383,7 @@ class RunRecorder(Callback):
             return
         import datetime
 
-        from stepsearch import runs
+        from stepsearch.records import runs
 
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         client, run_id = runs.mlflow_run(trainer.logger)

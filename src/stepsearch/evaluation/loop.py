@@ -59,7 +59,7 @@ class EvalAccumulator:
             yield from pair
 
     def _new_pair(self, **kwargs) -> tuple:
-        from stepsearch.metrics import ExactMatch, TokenF1
+        from stepsearch.evaluation.metrics import ExactMatch, TokenF1
 
         return ExactMatch(**kwargs).to(self.device), TokenF1(**kwargs).to(self.device)
 
@@ -172,7 +172,7 @@ class _QuestionSearchedFirst:
 def method_engine(method: str, model, tokenizer, retriever, rollout_config):
     """The rollout engine of an evaluation method (``agent``, ``rag``, ``direct``; module docstring)."""
     from stepsearch.errors import StepSearchError
-    from stepsearch.rollout.engine import HFRolloutEngine
+    from stepsearch.rollout.hf_engine import HFRolloutEngine
 
     if method == "agent":
         return HFRolloutEngine(model, tokenizer, retriever, rollout_config)

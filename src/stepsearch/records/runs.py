@@ -12,7 +12,7 @@ resume whose config differs from the record is refused, naming the changed field
 ``--allow_config_change true`` (the changes are then recorded in ``run.json`` and as MLflow tags).
 Each (metric, step) is logged once (:class:`LogOnce`): an iteration's metrics are flushed before its
 checkpoint is written, and a resumed run does not repeat what the killed process logged. The RNG
-states and the data order are in ``stepsearch.continuation``.
+states and the data order are in ``stepsearch.data.continuation``.
 
 Signals (:class:`PreemptionCallback`): SIGTERM and SIGUSR1 (SLURM's warning signal) set a flag; at
 the next PPO-iteration boundary every rank agrees to stop, a checkpoint is written, the MLflow run

@@ -31,7 +31,7 @@ TRAIN_KEYS = ("train/reward", "train/answer_f1", "train/searches")
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    from stepsearch.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri
 
     return explicit or default_tracking_uri()
 

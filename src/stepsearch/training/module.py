@@ -10,7 +10,7 @@ One Lightning training step = one PPO iteration, top to bottom:
    over the global batch (all ranks);
 5. ``ppo_epochs`` × minibatches (micro-batch accumulation) of clipped policy loss − entropy bonus
    and clipped value loss, with manual optimization of two AdamW optimizers (actor, critic); the
-   pure parts are in ``stepsearch.training``, the strategy glue in ``stepsearch.sharding``.
+   pure parts are in ``stepsearch.training.iteration``, the strategy glue in ``stepsearch.training.sharding``.
 
 Batch sizes are global: ``data.batch_size`` prompts per PPO iteration and ``ppo.mini_batch_size``
 prompts per optimizer step, over all ranks; ``ppo.micro_batch_size`` trajectories per forward on one
@@ -38,12 +38,12 @@ import torch
 
 from stepsearch.errors import StepSearchError
 from stepsearch.models.policy import ActorCritic, LoraSettings, PolicySettings
-from stepsearch.module_evaluation import EvaluationHooks
+from stepsearch.training.validation import EvaluationHooks
 from stepsearch.ppo import core
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.engine import RolloutConfig
 from stepsearch.rollout.seeding import example_row_keys, iteration_seed
-from stepsearch.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
+from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
 
 
 @dataclass
@@ -167,7 +167,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
             core.AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
             if self.ppo.adaptive_kl else core.FixedKLController(self.ppo.kl_coef)
         )
-        from stepsearch.evaluation import EvalAccumulator
+        from stepsearch.evaluation.loop import EvalAccumulator
 
         self.val_metrics = EvalAccumulator()
         self.history: dict[str, dict[str, float]] = {}
@@ -181,7 +181,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
     def prepare_data(self) -> None:
         """Quickstart bootstrap on rank 0: make the tiny model, warm-start it (both idempotent)."""
         if self.bootstrap is not None:
-            from stepsearch.bootstrap import run_bootstrap
+            from stepsearch.training.bootstrap import run_bootstrap
 
             run_bootstrap(self.bootstrap, self.model_settings.name_or_path, self.rollout_config, self.trainer.datamodule)
 
@@ -196,12 +196,12 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
                 raise StepSearchError(f"model.model.name_or_path: {path} does not exist; point it at a model "
                                       "directory or hub id, or set model.bootstrap to make it")
         self.actor_critic = ActorCritic(self.model_settings, seed=self.seed)
-        from stepsearch.sharding import shard_if_model_parallel
+        from stepsearch.training.sharding import shard_if_model_parallel
 
         shard_if_model_parallel(self)
 
     def setup(self, stage: str) -> None:
-        from stepsearch.sharding import check_strategy_and_sizes
+        from stepsearch.training.sharding import check_strategy_and_sizes
 
         self.per_rank = check_strategy_and_sizes(self, stage)
         self.configure_model()
@@ -216,7 +216,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         groups = [(self.actor_critic.actor_parameters(), self.optim.actor_lr, self.optim.actor_warmup_ratio)]
         if not self.actor_critic.shared_critic:
             groups.append((self.actor_critic.critic_parameters(), self.optim.critic_lr, self.optim.critic_warmup_ratio))
-        from stepsearch.sharding import optimizer_class
+        from stepsearch.training.sharding import optimizer_class
 
         optimizer = optimizer_class(self.optim, self.model_settings)
         for params, lr, warmup_ratio in groups:
@@ -245,7 +245,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.trainer.datamodule.policy_updated()  # the next rollout uses (vLLM: syncs) the updated weights
         t3 = time.perf_counter()
 
-        from stepsearch.sharding import global_means
+        from stepsearch.training.sharding import global_means
 
         episode = {**summarize_scores(scores), "response_length": float(trajectory.loss_mask.sum(1).float().mean())}
         metrics = {f"train/{k}": v for k, v in global_means(self, episode, len(examples)).items()}
@@ -263,17 +263,17 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, on_step=True, batch_size=len(examples))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(examples))
         if self.log_samples_every_n_steps and iteration % self.log_samples_every_n_steps == 0:
-            from stepsearch.tracking import log_trajectory_samples
+            from stepsearch.records.tracking import log_trajectory_samples
 
             log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
                                    f"samples/train_step{iteration:05d}", self.num_logged_samples)
         self._count_one_iteration(iteration)
 
     def ppo_update(self, trajectory, placed: torch.Tensor, num_prompts: int) -> dict[str, float]:
-        """One PPO iteration on this rank's rollouts (``stepsearch.training``): advantages over the
+        """One PPO iteration on this rank's rollouts (``stepsearch.training.iteration``): advantages over the
         global batch, actor and critic updates, the KL controller and schedulers stepped once."""
-        from stepsearch.sharding import collectives
-        from stepsearch.training import RolloutBatch, ppo_iteration
+        from stepsearch.training.sharding import collectives
+        from stepsearch.training.iteration import RolloutBatch, ppo_iteration
 
         comm = collectives(self)
         group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
@@ -306,16 +306,16 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """After AMP unscaling, before the step: clip by global norm; a non-finite norm skips the step."""
-        from stepsearch.sharding import clip_or_skip
+        from stepsearch.training.sharding import clip_or_skip
 
         self.last_grad_norm = clip_or_skip(self, optimizer, self.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from stepsearch.continuation import all_rng_states
+        from stepsearch.data.continuation import all_rng_states
 
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
         checkpoint["skipped_steps"] = int(self.skipped_steps)  # a running count: continues after resume
-        # Exact continuation (stepsearch.runs): the iteration, every rank's RNG states, and the
+        # Exact continuation (stepsearch.records.runs): the iteration, every rank's RNG states, and the
         # validation history (the before/after table still compares with step 0 after a resume).
         checkpoint["ppo_iteration"] = int(self.trainer.global_step)
         checkpoint["rng_states"] = all_rng_states(self.trainer)
@@ -330,7 +330,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
             self.last_val_step = checkpoint["val_history"]["last_val_step"]
         states = checkpoint.get("rng_states") or []
         if states:
-            from stepsearch.continuation import set_rng_state
+            from stepsearch.data.continuation import set_rng_state
 
             set_rng_state(states[self.global_rank] if len(states) == self.trainer.world_size else states[0])
 
@@ -350,7 +350,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
             return
         out = self.policy_export_dir()
         self.actor_critic.save_policy(out, full_state)
-        from stepsearch.tracking import log_policy_dir, report_before_after
+        from stepsearch.records.tracking import log_policy_dir, report_before_after
 
         log_policy_dir(self.logger, out, self.rollout_config)  # + stepsearch_policy.json for evaluate
         if self.history:

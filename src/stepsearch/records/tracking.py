@@ -10,7 +10,7 @@
   switches, and names the run from them (``steppo-seed0``, ``ppo-seed1``) unless a run name is set.
 - ``log_policy_dir``: tag ``policy_dir`` and write ``stepsearch_policy.json`` beside the exported
   policy (rollout settings, MLflow run), which ``evaluate``/``ask`` read.
-- ``python -m stepsearch ui`` (:mod:`stepsearch.compare`) opens the same store's runs.
+- ``python -m stepsearch ui`` (:mod:`stepsearch.commands.compare`) opens the same store's runs.
 - ``log_trajectory_samples``: a JSONL of sample trajectories plus an HTML page where environment
   tokens (loss mask 0) are shaded, so masks can be checked by eye.
 - ``report_before_after``: prints step-0 vs last validation metrics as a table and logs it.
@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REWARD_SWITCHES = ("step_rewards", "information_gain", "redundancy_penalty", "search_key_reward")
-from stepsearch.suite import POLICY_CARD  # noqa: E402  (the policy card evaluate reads)
+POLICY_CARD = "stepsearch_policy.json"  # beside an exported policy: its template and limits, read by evaluate
 
 
 def default_tracking_uri() -> str:

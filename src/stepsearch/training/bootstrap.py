@@ -1,8 +1,8 @@
 """The quickstart bootstrap: make the tiny model and warm-start it, each once per settings.
 
 Each product carries a fingerprint of what made it (``stepsearch_fingerprint.json``, see
-:mod:`stepsearch.runs`): a directory made by other settings is refused in one line naming them,
-never silently reused. The training itself lives in :mod:`stepsearch.sft`.
+:mod:`stepsearch.records.runs`): a directory made by other settings is refused in one line naming them,
+never silently reused. The training itself lives in :mod:`stepsearch.training.sft`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import random
 from pathlib import Path
 
-from stepsearch.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings, run_warm_start
+from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings, run_warm_start
 
 
 # Rollout settings that shape a demonstration's tokens (sampling settings do not: it is scripted).
@@ -29,7 +29,7 @@ def tiny_fingerprint_settings(tiny: TinyModelSettings) -> dict:
     """What makes the tiny model: its settings (not where it is written) and its corpus files' bytes."""
     from dataclasses import asdict
 
-    from stepsearch.runs import file_digest
+    from stepsearch.records.runs import file_digest
 
     settings = {k: v for k, v in asdict(tiny).items() if k != "out_dir"}
     settings["corpus_files"] = {str(f): file_digest(f) for f in tiny.corpus_files}
@@ -41,7 +41,7 @@ def warm_start_fingerprint_settings(warm: WarmStartSettings, base: str, rollout_
     settings that shape demonstrations, and the retriever that fills their observations."""
     import dataclasses
 
-    from stepsearch.runs import FINGERPRINT_FILE, file_digest, read_fingerprint
+    from stepsearch.records.runs import FINGERPRINT_FILE, file_digest, read_fingerprint
 
     base_print = Path(base) / FINGERPRINT_FILE
     settings = {k: v for k, v in dataclasses.asdict(warm).items() if k != "data"}
@@ -80,7 +80,7 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
 
     from stepsearch.data.sources import load_examples
     from stepsearch.errors import StepSearchError
-    from stepsearch.runs import check_fingerprint, write_fingerprint
+    from stepsearch.records.runs import check_fingerprint, write_fingerprint
 
     with torch.random.fork_rng(devices=[]), _python_rng_kept():
         if settings.tiny is not None:

@@ -2,7 +2,7 @@
 
 A suite (YAML via ``--suite`` and/or flags) names benchmarks (files in any layout
 :mod:`stepsearch.data.sources` reads), a retriever (``index`` or ``url``), models and methods
-(``agent``, ``rag``, ``direct``: :mod:`stepsearch.evaluation`) and the sampling rule: the first
+(``agent``, ``rag``, ``direct``: :mod:`stepsearch.evaluation.loop`) and the sampling rule: the first
 ``sample`` rows, or ``sample`` rows drawn with ``seed`` (the paper: up to 520, seed 630). The output
 is one row per (method, model), an (EM, F1) pair per benchmark and their unweighted average, printed,
 written as ``table.md``/``table.csv``, and logged to MLflow (``test/<benchmark>/em|f1`` per
@@ -32,8 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from stepsearch.errors import StepSearchError
-
-POLICY_CARD = "stepsearch_policy.json"  # beside an exported policy; written by stepsearch.tracking.log_policy_dir
+from stepsearch.records.tracking import POLICY_CARD  # beside an exported policy; written by log_policy_dir
 
 
 @dataclass
@@ -83,7 +82,7 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
         raise StepSearchError("evaluate: no benchmarks (pass --benchmark NAME=FILE or a suite YAML with benchmarks:)")
     if not suite.models:
         raise StepSearchError("evaluate: no model (pass --model [NAME=]PATH or a suite YAML with models:)")
-    from stepsearch.evaluation import METHODS
+    from stepsearch.evaluation.loop import METHODS
 
     bad = [m for m in suite.methods if m not in METHODS]
     if bad:
@@ -155,7 +154,7 @@ def _card_from_run(model_path: str) -> dict:
         return {}
     import mlflow
 
-    from stepsearch.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri
 
     uri = default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -214,7 +213,7 @@ def format_table(rows: list[dict], benchmarks: list[str], notes: list[str]) -> t
 def _mlflow_log(suite: Suite, row: dict, card: dict, md: str, csv: str, predictions: Path) -> None:
     import mlflow
 
-    from stepsearch.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri
 
     uri = card.get("tracking_uri") if suite.log_to_policy_run and card.get("run_id") else default_tracking_uri()
     client = mlflow.MlflowClient(uri)
@@ -242,7 +241,7 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
     from rich.console import Console
     from rich.progress import Progress
 
-    from stepsearch.evaluation import evaluate_examples, method_engine
+    from stepsearch.evaluation.loop import evaluate_examples, method_engine
     from stepsearch.models.loading import load_policy
     from stepsearch.rewards import RewardConfig
 
@@ -303,7 +302,7 @@ def _print_table(rows, benchmarks, notes, console) -> None:
 
 
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
-    from stepsearch.cli import positive_int
+    from stepsearch.arguments import positive_int
 
     parser.add_argument("--suite", help="suite YAML (benchmarks, models, methods, index, sample, seed, ...)")
     parser.add_argument("--benchmark", action="append", metavar="[NAME=]FILE", help="a benchmark file (repeatable)")
@@ -350,7 +349,7 @@ def run_ask(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from stepsearch.data.schema import Example
-    from stepsearch.evaluation import method_engine, rollout_and_score
+    from stepsearch.evaluation.loop import method_engine, rollout_and_score
     from stepsearch.models.loading import load_policy
     from stepsearch.rewards import RewardConfig
 
