@@ -8,7 +8,7 @@
 #
 # Every start runs the same command with `--ckpt_path auto`: the first starts the run, a requeued
 # one resumes it from its run directory ({trainer.default_root_dir}/{config}-{algorithm}-seed{S}),
-# in the same MLflow run. See README "Resume and preemption".
+# in the same MLflow run. See docs/resume.md.
 #SBATCH --job-name=stepsearch
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
