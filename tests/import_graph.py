@@ -15,7 +15,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "src" / "stepsearch"
 # Lower layers first; a module may import its own layer or any layer listed before it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("stepsearch", "stepsearch.errors", "stepsearch.java", "stepsearch.arguments",
-                     "stepsearch.lightning_adapter")),
+                     "stepsearch.lightning_adapter", "stepsearch.progress")),
     ("math", ("stepsearch.ppo", "stepsearch.rewards", "stepsearch.evaluation.metrics")),
     ("environment", ("stepsearch.retrieval", "stepsearch.data", "stepsearch.rollout")),
     ("rewards of trajectories", ("stepsearch.rewards.scoring",)),
