@@ -1,4 +1,5 @@
-"""PPO core (METHOD.md §3): pure tensor math for StePPO and the GRPO baseline."""
+"""PPO core (METHOD.md §3): pure tensor math (``core``), truncated importance sampling
+(``correction``), and the algorithms by name (``registry``, ``algorithms``)."""
 
 from stepsearch.ppo.core import (
     LOSS_AGGREGATIONS,
@@ -19,9 +20,24 @@ from stepsearch.ppo.core import (
     policy_loss,
     value_loss,
 )
+from stepsearch.ppo.algorithms import ALGORITHMS, resolve_algorithm
+from stepsearch.ppo.registry import (
+    ADV_ESTIMATORS,
+    POLICY_LOSSES,
+    Algorithm,
+    AlgorithmSpec,
+    register_adv_est,
+    register_algorithm,
+    register_policy_loss,
+)
 
 __all__ = [
+    "ADV_ESTIMATORS",
+    "ALGORITHMS",
+    "Algorithm",
+    "AlgorithmSpec",
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
     "AdaptiveKLController",
     "aggregate_loss",
     "aggregation_count",
@@ -37,5 +53,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "register_adv_est",
+    "register_algorithm",
+    "register_policy_loss",
+    "resolve_algorithm",
     "value_loss",
 ]

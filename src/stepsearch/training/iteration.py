@@ -18,6 +18,10 @@ global rows for any number of ranks; PPO epochs visit the minibatches in an orde
 generator seeded by (seed, iteration), the same on every rank. Departure from veRL/the released
 code: there each epoch reshuffles rows into minibatches (rank-dependent); here the composition of
 minibatches is fixed within an iteration and only their order changes.
+
+What differs between algorithms (estimator, policy loss, KL in the reward or in the loss, critic or not)
+comes from the :class:`~stepsearch.ppo.registry.Algorithm` resolved once at setup and passed in as
+``algorithm`` (resolved from ``cfg.algorithm`` when a caller passes none); nothing here compares names.
 """
 
 from __future__ import annotations
@@ -27,8 +31,13 @@ from typing import Callable
 
 import torch
 
+from stepsearch.errors import StepSearchError
 from stepsearch.models.policy import scatter_rows
 from stepsearch.ppo import core
+from stepsearch.ppo.algorithms import resolve_algorithm
+from stepsearch.ppo.algorithms.builtin import value_mask as _value_mask
+from stepsearch.ppo.correction import apply_truncated_is
+from stepsearch.ppo.registry import Algorithm
 
 Tensor = torch.Tensor
 
@@ -100,7 +109,7 @@ class RolloutBatch:
 
 def value_mask(batch: RolloutBatch, released_gae: bool) -> Tensor:
     """Where values, GAE and the value loss live: policy tokens (default) or all response tokens."""
-    return batch.response_mask if released_gae else batch.policy_mask
+    return _value_mask(batch.policy_mask, batch.response_mask, released_gae)
 
 
 @torch.no_grad()
@@ -129,30 +138,23 @@ def score_rollouts(actor_critic, batch: RolloutBatch, micro_batch_size: int, nee
     return batch
 
 
-def compute_advantages(batch: RolloutBatch, cfg, beta: float, comm: Collectives) -> dict[str, float]:
-    """Advantages and returns over the GLOBAL batch (whitening / GRPO groups across ranks).
-
-    PPO: token rewards = placed − β·KL(old‖ref) on policy tokens, GAE, whitening over the global
-    value mask. GRPO: group-normalised sequence scores over the gathered batch. Returns the global
-    mean KL per policy token (and its token count) for the KL controller and the logs.
+def compute_advantages(batch: RolloutBatch, cfg, beta: float, comm: Collectives,
+                       algorithm: Algorithm | None = None) -> dict[str, float]:
+    """Advantages and returns over the GLOBAL batch (whitening / groups across ranks), by the
+    algorithm's registered estimator, on placed − β·KL(old‖ref) where it puts the KL in the reward,
+    else on the placed scores. Returns the global mean KL per policy token (and its token count) for
+    the KL controller and the logs.
     """
+    algorithm = algorithm or resolve_algorithm(cfg)
     pmask = batch.policy_mask
-    kl_tokens = core.kl_penalty(batch.old_logp, batch.ref_logp, cfg.kl_estimator) * pmask
-    if cfg.algorithm == "grpo":
-        local_scores = core.masked_sum(batch.token_scores, batch.response_mask, dim=1)
-        scores, groups = comm.gather(local_scores), comm.gather(batch.group_ids)
-        start = comm.rank * len(batch)  # ranks hold equal row counts (checked at setup)
-        advantages = core.grpo_advantages(scores, groups)[start:start + len(batch)]
-        batch.advantages = advantages[:, None] * pmask
-        batch.returns = torch.zeros_like(batch.advantages)
-    else:
+    if algorithm.kl_in_reward:
         rewards, kl_tokens = core.kl_shaped_rewards(batch.token_scores, batch.old_logp, batch.ref_logp, pmask, beta,
                                                    cfg.kl_estimator)
-        advantages, returns = core.compute_gae(rewards, batch.old_values, pmask, gamma=cfg.gamma, lam=cfg.lam,
-                                               skip_masked=not cfg.released_gae, response_mask=batch.response_mask)
-        if cfg.whiten_advantages:
-            advantages = core.masked_whiten(advantages, value_mask(batch, cfg.released_gae), reduce_sum=comm.reduce_sum)
-        batch.advantages, batch.returns = advantages, returns
+    else:
+        rewards = batch.token_scores
+        kl_tokens = core.kl_penalty(batch.old_logp, batch.ref_logp, cfg.kl_estimator) * pmask
+    batch.advantages, batch.returns = algorithm.estimator(rewards, batch.old_values, pmask, batch.response_mask,
+                                                          batch.group_ids, cfg=cfg, comm=comm)
     kl_sum, tokens = comm.reduce_sum(torch.stack([core.masked_sum(kl_tokens.float(), pmask), pmask.sum().float()]))
     return {"kl": float(kl_sum / tokens.clamp_min(1)), "policy_tokens": float(tokens)}
 
@@ -210,10 +212,11 @@ class _Stats:
 
 
 def actor_update(actor_critic, batch: RolloutBatch, schedule: list[Tensor], cfg, optimizer, params,
-                 comm: Collectives, temperature: float = 1.0) -> dict[str, float]:
-    """Clipped policy loss − entropy bonus (+ GRPO's KL loss; + the shared head's value loss), one
-    optimizer step per minibatch of ``schedule``, micro-batched by ``cfg.micro_batch_size``."""
-    grpo, shared = cfg.algorithm == "grpo", actor_critic.shared_critic and cfg.algorithm != "grpo"
+                 comm: Collectives, temperature: float = 1.0, algorithm: Algorithm | None = None) -> dict[str, float]:
+    """The algorithm's policy loss − entropy bonus (+ its KL loss; + the shared head's value loss when it
+    has a critic), one optimizer step per minibatch of ``schedule``, micro-batched by ``cfg.micro_batch_size``."""
+    algorithm = algorithm or resolve_algorithm(cfg)
+    kl_loss_on, shared = algorithm.kl_loss, actor_critic.shared_critic and algorithm.critic
     vmask_all = value_mask(batch, cfg.released_gae)
     entropy_mode = "grad" if cfg.entropy_coef else "detached"
     stats = _Stats(comm.world_size)
@@ -228,12 +231,11 @@ def actor_update(actor_critic, batch: RolloutBatch, schedule: list[Tensor], cfg,
             logp_flat, ent_flat, values_flat = actor_critic.policy_logprobs(
                 ids, attn, pmask, temperature, entropy=entropy_mode, value_mask=vmask if shared else None)
             logp = scatter_rows(logp_flat, pmask)
-            pg_loss, pg_stats = core.policy_loss(logp, batch.old_logp[rows, :width], batch.advantages[rows, :width],
-                                                 pmask, clip_eps=cfg.clip_eps, loss_agg=cfg.loss_agg,
-                                                 denominator=denom[0])
+            pg_loss, pg_stats = algorithm.loss(logp, batch.old_logp[rows, :width], batch.advantages[rows, :width],
+                                               pmask, cfg=cfg, loss_agg=cfg.loss_agg, denominator=denom[0])
             entropy = core.aggregate_loss(scatter_rows(ent_flat, pmask), pmask, cfg.loss_agg, denom[0])
             loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
-            if grpo:
+            if kl_loss_on:
                 kl = core.kl_penalty(logp, batch.ref_logp[rows, :width], "k3")
                 kl_loss = core.aggregate_loss(kl, pmask, cfg.loss_agg, denom[0])
                 loss = loss + cfg.kl_coef * kl_loss
@@ -250,7 +252,7 @@ def actor_update(actor_critic, batch: RolloutBatch, schedule: list[Tensor], cfg,
             stats.add("entropy", entropy.detach(), 0.0)
             _add_fraction(stats, "clip_frac", pg_stats["clip_frac"], pmask)
             _add_fraction(stats, "approx_kl", pg_stats["approx_kl"], pmask)
-        names = ("policy_loss", "entropy") + (("kl_loss",) if grpo else ()) + (("value_loss",) if shared else ())
+        names = ("policy_loss", "entropy") + (("kl_loss",) if kl_loss_on else ()) + (("value_loss",) if shared else ())
         stats.minibatch_done(names, "actor_grad_norm", comm.step(optimizer, params))
     return stats.reduce(comm)
 
@@ -283,21 +285,26 @@ def _add_fraction(stats: _Stats, name: str, local_mean: Tensor, mask: Tensor) ->
 
 
 def ppo_iteration(actor_critic, batch: RolloutBatch, cfg, optimizers, params, comm: Collectives, *,
-                  beta: float, temperature: float, generator: torch.Generator) -> dict[str, float]:
-    """Score, advantages over the global batch, then the actor (and separate critic) updates."""
-    grpo = cfg.algorithm == "grpo"
-    score_rollouts(actor_critic, batch, cfg.micro_batch_size, need_values=not grpo, temperature=temperature,
-                   released_gae=cfg.released_gae)
-    stats = compute_advantages(batch, cfg, beta, comm)
-    if "rollout_logp" in batch.extras:  # truncated importance sampling, rollout.tis_cap (rollout.correction)
-        from stepsearch.rollout.correction import apply_truncated_is
+                  beta: float, temperature: float, generator: torch.Generator,
+                  algorithm: Algorithm | None = None) -> dict[str, float]:
+    """Score, advantages over the global batch, then the actor (and separate critic) updates.
 
-        stats.update(apply_truncated_is(batch, comm.reduce_sum))
+    ``cfg.tis_cap`` (truncated importance sampling, ``stepsearch.ppo.correction``) weights the advantages
+    by the engine's log-probs, which come in ``batch.extras["rollout_logp"]``."""
+    algorithm = algorithm or resolve_algorithm(cfg)
+    score_rollouts(actor_critic, batch, cfg.micro_batch_size, need_values=algorithm.critic, temperature=temperature,
+                   released_gae=cfg.released_gae)
+    stats = compute_advantages(batch, cfg, beta, comm, algorithm)
+    if cfg.tis_cap is not None:
+        if "rollout_logp" not in batch.extras:
+            raise StepSearchError("model.ppo.tis_cap needs the rollout engine's log-probs, which this engine did not "
+                                  "return")
+        stats.update(apply_truncated_is(batch, comm.reduce_sum, cap=cfg.tis_cap))
     schedule = minibatch_schedule(len(batch), cfg.mini_batch_size, cfg.ppo_epochs, generator)
     actor_opt, critic_opt = optimizers[0], (optimizers[1] if len(optimizers) > 1 else None)
-    actor_stats = actor_update(actor_critic, batch, schedule, cfg, actor_opt, params[0], comm, temperature)
+    actor_stats = actor_update(actor_critic, batch, schedule, cfg, actor_opt, params[0], comm, temperature, algorithm)
     stats.update(actor_stats)
-    if critic_opt is not None and not grpo:
+    if critic_opt is not None and algorithm.critic:
         critic_stats = critic_update(actor_critic, batch, schedule, cfg, critic_opt, params[1], comm)
         critic_stats["skipped_steps"] += stats["skipped_steps"]
         stats.update(critic_stats)

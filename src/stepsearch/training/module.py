@@ -22,9 +22,12 @@ Lightning counts every ``optimizer.step()`` under manual optimization; we reset 
 Validation and test: greedy rollouts, EM/F1 (SQuAD normalisation) overall and per dataset; a
 validation pass at step 0 (after any warm-start, before the first update) is logged at step 0.
 
-Algorithms (``ppo.algorithm``): ``steppo`` (global + step rewards as configured), ``ppo`` (global
-reward only: the Search-R1 baseline; step and key rewards forced off), ``grpo`` (group-relative
-advantages over ``grpo_group_size`` samples per prompt, KL as a loss, no critic update).
+Algorithms (``ppo.algorithm``, registered by name in ``stepsearch.ppo.algorithms``): ``steppo`` (global
++ step rewards as configured), ``ppo`` (global reward only: the Search-R1 baseline; step and key rewards
+forced off), ``grpo`` (group-relative advantages over ``grpo_group_size`` samples per prompt, KL as a
+loss, no critic update), ``reinforce_plus_plus`` (critic-free, globally whitened discounted returns).
+The name is resolved once, here, into ``self.algorithm``; the iteration and the sharding read that.
+Settings that cannot run together are refused here too (``training.combinations``), one line each.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from stepsearch.errors import StepSearchError
 from stepsearch.models.policy import ActorCritic, LoraSettings, PolicySettings
 from stepsearch.training.validation import EvaluationHooks
 from stepsearch.ppo import core
+from stepsearch.ppo.algorithms import resolve_algorithm
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.engine import RolloutConfig
 from stepsearch.rollout.seeding import example_row_keys, iteration_seed
+from stepsearch.training.combinations import refuse_combinations
 from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
 
 
@@ -51,7 +56,8 @@ class PPOSettings:
     """StePPO hyperparameters (METHOD.md §3 defaults).
 
     Args:
-        algorithm: ``steppo`` | ``ppo`` (global reward only, Search-R1) | ``grpo``.
+        algorithm: a registered algorithm (``stepsearch.ppo.algorithms``): ``steppo`` | ``ppo`` (global
+            reward only, Search-R1) | ``grpo`` | ``reinforce_plus_plus`` (docs/training.md "Algorithms").
         ppo_epochs: passes over each rollout batch.
         mini_batch_size: prompts per optimizer step, over all ranks (GRPO: × ``grpo_group_size`` trajectories).
         micro_batch_size: trajectories per forward/backward on one device (a memory knob: the
@@ -67,7 +73,10 @@ class PPOSettings:
         adaptive_kl: adapt β toward ``kl_target`` over ``kl_horizon`` tokens (Ziegler et al.).
         whiten_advantages: normalise advantages over policy tokens.
         released_gae: run GAE/whitening/value loss over observation tokens too (released code).
-        grpo_group_size: samples per prompt for GRPO.
+        grpo_group_size: samples per prompt for the grouped algorithms (GRPO).
+        tis_cap: truncated importance sampling against the rollout engine's log-probs: each policy
+            token's advantage is weighted by ``min(π_old/π_rollout, tis_cap)`` (``stepsearch.ppo.correction``;
+            needs ``rollout.top_p: 1``); ``None``: off.
     """
 
     algorithm: str = "steppo"
@@ -89,6 +98,7 @@ class PPOSettings:
     whiten_advantages: bool = True
     released_gae: bool = False
     grpo_group_size: int = 5
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -150,11 +160,9 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.model_settings = model or PolicySettings()
         self.rollout_config = rollout or RolloutConfig()
         self.ppo = ppo or PPOSettings()
-        rewards = rewards or RewardConfig()
-        if self.ppo.algorithm == "ppo":  # Search-R1 baseline: the global answer reward only
-            rewards = rewards.global_only()
-        if self.ppo.algorithm not in ("steppo", "ppo", "grpo"):
-            raise StepSearchError(f"model.ppo.algorithm must be steppo, ppo or grpo, got {self.ppo.algorithm!r}")
+        self.algorithm = resolve_algorithm(self.ppo)  # the one place the name is read
+        rewards = self.algorithm.rewards(rewards or RewardConfig())  # ppo: the global answer reward only
+        refuse_combinations(self.algorithm, self.ppo, self.rollout_config, rewards)
         self.reward_config = rewards
         self.optim = optim or OptimSettings()
         self.bootstrap = bootstrap
@@ -172,8 +180,8 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.val_metrics = EvalAccumulator()
         self.history: dict[str, dict[str, float]] = {}
         self.last_val_step: int | None = None  # the PPO iteration of the latest validation
-        group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
-        self.per_rank = {"batch_size": None, "mini_batch_size": self.ppo.mini_batch_size * group}  # set in setup
+        self.per_rank = {"batch_size": None,  # set in setup
+                         "mini_batch_size": self.ppo.mini_batch_size * self.algorithm.group_size}
         self.skipped_steps = 0
         self.last_grad_norm = float("nan")
 
@@ -230,7 +238,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
     # -------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
         iteration = self.trainer.global_step
-        group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
+        group = self.algorithm.group_size
         examples = [ex for ex in batch for _ in range(group)]
         t0 = time.perf_counter()
         # Seeded per question and iteration (rollout.seeding): the rollouts do not depend on the rank
@@ -276,15 +284,11 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         from stepsearch.training.iteration import RolloutBatch, ppo_iteration
 
         comm = collectives(self)
-        group = self.ppo.grpo_group_size if self.ppo.algorithm == "grpo" else 1
         # Global prompt ids under the sampler's strided layout (local prompt j of rank r is j·W + r).
         prompts = torch.arange(num_prompts, device=self.device) * comm.world_size + comm.rank
-        batch = RolloutBatch.from_trajectory(trajectory, placed, prompts.repeat_interleave(group))
-        if self.rollout_config.tis_cap is not None:  # truncated IS vs the rollout engine (rollout.correction)
-            if trajectory.rollout_logprobs is None:
-                raise StepSearchError("model.rollout.tis_cap needs the rollout engine's log-probs, which this engine "
-                                      "did not return")
-            batch.extras.update(rollout_logp=trajectory.rollout_logprobs[:, 1:], tis_cap=self.rollout_config.tis_cap)
+        batch = RolloutBatch.from_trajectory(trajectory, placed, prompts.repeat_interleave(self.algorithm.group_size))
+        if trajectory.rollout_logprobs is not None:  # for truncated IS (model.ppo.tis_cap, ppo.correction)
+            batch.extras["rollout_logp"] = trajectory.rollout_logprobs[:, 1:]
         cfg = replace(self.ppo, mini_batch_size=self.per_rank["mini_batch_size"])
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
@@ -292,10 +296,10 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         generator = torch.Generator().manual_seed(self.seed + self.trainer.global_step)
         stats = ppo_iteration(ac, batch, cfg, optimizers, [ac.actor_parameters(), ac.critic_parameters()], comm,
                               beta=self.kl_controller.value, temperature=max(self.rollout_config.temperature, 1e-6),
-                              generator=generator)
+                              generator=generator, algorithm=self.algorithm)
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []
-        for scheduler in schedulers[:1] if self.ppo.algorithm == "grpo" else schedulers:  # GRPO: critic idle
+        for scheduler in schedulers if self.algorithm.critic else schedulers[:1]:  # critic-free: the critic idles
             scheduler.step()
         self.kl_controller.update(stats["kl"], int(len(batch) * comm.world_size))
         stats["actor_lr"] = float(optimizers[0].param_groups[0]["lr"])

@@ -33,6 +33,7 @@ from torch import nn
 
 from stepsearch.errors import StepSearchError
 from stepsearch.models.sharded_generation import decoder_layers
+from stepsearch.ppo.algorithms import resolve_algorithm
 from stepsearch.training.iteration import Collectives
 
 LOW_PRECISION = ("bfloat16", "float16")
@@ -78,7 +79,8 @@ def check_strategy_and_sizes(module, stage: str) -> dict:
                               "with precision bf16-mixed or fsdp.yaml, or set model.optim.optimizer to one that handles it")
     world, _ = _world(module)
     cfg = module.ppo
-    group = cfg.grpo_group_size if cfg.algorithm == "grpo" else 1
+    algorithm = getattr(module, "algorithm", None) or resolve_algorithm(cfg)  # resolved at setup (module)
+    group = algorithm.group_size
     datamodule = getattr(module.trainer, "datamodule", None)
     batch = getattr(datamodule, "batch_size", None)
     problems = []

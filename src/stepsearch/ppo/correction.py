@@ -5,13 +5,14 @@ ratio is taken against the trainer's recomputed old log-probs π_old of the same
 a little, so the samples are slightly off-policy. TIS (Yao et al. 2025, "Your efficient RL framework
 secretly brings you off-policy RL training"; veRL's rollout importance sampling) weights each policy
 token's loss by ``w = min(π_old / π_rollout, C)`` (no gradient), truncated at ``C`` =
-``rollout.tis_cap`` to bound the variance. Off by default (``tis_cap: null``).
+``model.ppo.tis_cap`` (a trainer setting: the engine only reports its log-probs) to bound the variance.
+Off by default (``tis_cap: null``).
 
 Since ``w >= 0`` is a constant per token, ``w · min(r·A, clip(r)·A) = min(r·(w·A), clip(r)·(w·A))``:
 weighting the clipped PPO loss is exactly scaling the advantages, so the trainer applies it right
 after computing advantages (:func:`apply_truncated_is`). Both engines return
 ``Trajectory.rollout_logprobs`` with the trainer's definition (``log softmax(logits / T)``), which is
-why ``tis_cap`` requires ``top_p = 1`` (``RolloutConfig``).
+why ``tis_cap`` requires ``rollout.top_p = 1`` (refused at setup otherwise, ``StepSearchPPO``).
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ def truncated_is_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, c
     return _truncate(rollout_ratio(old_logp, rollout_logp), mask, cap)
 
 
-def apply_truncated_is(batch, reduce_sum=lambda t: t) -> dict[str, float]:
-    """Scale ``batch.advantages`` by the TIS weights (``batch.extras``: ``rollout_logp`` [B, L-1],
-    aligned with ``old_logp``, and ``tis_cap``); returns the global mean weight and the share of
-    truncated tokens."""
+def apply_truncated_is(batch, reduce_sum=lambda t: t, cap: float | None = None) -> dict[str, float]:
+    """Scale ``batch.advantages`` by the TIS weights (``batch.extras["rollout_logp"]`` [B, L-1], aligned
+    with ``old_logp``; ``cap``, by default ``batch.extras["tis_cap"]``); returns the global mean weight
+    and the share of truncated tokens."""
+    cap = batch.extras["tis_cap"] if cap is None else cap
     mask = batch.policy_mask
     rollout_logp = batch.extras["rollout_logp"].to(batch.old_logp.device)
     ratio = rollout_ratio(batch.old_logp, rollout_logp)
-    weights = _truncate(ratio, mask, batch.extras["tis_cap"])
+    weights = _truncate(ratio, mask, cap)
     batch.advantages = batch.advantages * weights
-    sums = reduce_sum(torch.stack([(weights * mask).sum(), ((ratio > batch.extras["tis_cap"]) & mask.bool()).sum(),
+    sums = reduce_sum(torch.stack([(weights * mask).sum(), ((ratio > cap) & mask.bool()).sum(),
                                    mask.sum()]).float())
     count = sums[2].clamp_min(1)
     return {"tis_weight_mean": float(sums[0] / count), "tis_truncated_frac": float(sums[1] / count)}

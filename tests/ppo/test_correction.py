@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from stepsearch.rollout.correction import apply_truncated_is, truncated_is_weights
+from stepsearch.ppo.correction import apply_truncated_is, truncated_is_weights
 
 
 def test_weights_are_the_truncated_ratio_on_policy_tokens():
