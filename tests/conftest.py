@@ -17,6 +17,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Real pretrained parts (SmolLM2, the Qwen2.5 tokenizer, the shared-corpus BM25 index): session fixtures.
+from real_models import (  # noqa: E402,F401
+    qwen25_base_dir, qwen25_dir, qwen25_tokenizer, real_models_cache, shared_bm25, smollm2_dir,
+)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

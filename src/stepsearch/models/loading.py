@@ -3,7 +3,9 @@
 One path for every model: ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``, so the tiny
 offline model (:mod:`stepsearch.models.tiny`) exercises the same code as Qwen2.5-3B. When
 ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, nothing is fetched (``local_files_only``)
-and a hub name missing from the local cache raises one clear :class:`StepSearchError`.
+and a hub name missing from the local cache raises one clear :class:`StepSearchError`. A ``.gguf``
+file is refused with the command that converts it once (``python -m stepsearch model convert``;
+why: :mod:`stepsearch.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def resolve_dtype(dtype):
 
 def _source_kwargs(name_or_path: str | Path) -> dict:
     local = Path(name_or_path).expanduser()
+    if local.suffix.lower() == ".gguf":
+        raise StepSearchError(f"{local}: a GGUF file is not loaded directly; convert it once into a Hugging Face "
+                              f"folder (`python -m stepsearch model convert --gguf {local} --out DIR`) and pass DIR")
     if local.exists():
         if not (local / "config.json").is_file() and not (local / "tokenizer_config.json").is_file():
             raise StepSearchError(f"{local}: not a model directory (no config.json or tokenizer_config.json)")
