@@ -23,6 +23,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
+from stepsearch import lightning_adapter
 from stepsearch.errors import ConfigError, StepSearchError
 from stepsearch.records.tracking import MLflowSaveConfigCallback
 
@@ -78,11 +79,11 @@ class StepSearchCLI(LightningCLI):
                             help="predict: the JSONL of per-question predictions (default "
                                  "{trainer.default_root_dir}/predictions.jsonl)")
 
-    def _subconfig(self):
+    def subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def before_instantiate_classes(self) -> None:
-        config = self._subconfig()
+        config = self.subcommand_config()
         seed = apply_seed(config)
         if config.get("seed") is not None:
             from lightning.pytorch import seed_everything
@@ -98,7 +99,7 @@ class StepSearchCLI(LightningCLI):
         self.session.exit_code = self.session.finish(self.trainer)
 
     def before_predict(self) -> None:
-        config = self._subconfig()
+        config = self.subcommand_config()
         path = config.get("predictions_file") or Path(config.get("trainer.default_root_dir") or ".") / "predictions.jsonl"
         self.trainer.callbacks.append(PredictionsWriter(Path(path)))
 
@@ -272,7 +273,7 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
     checkpoint names, the run record and the signal handlers."""
     from stepsearch.records import runs
 
-    config, init, trainer = cli._subconfig(), cli.config_init[cli.subcommand], cli.trainer
+    config, init, trainer = cli.subcommand_config(), cli.config_init[cli.subcommand], cli.trainer
     flat = runs.flat_config(config)
     ckpt_path = init.get("ckpt_path")
     run_dir = _run_dir(config, session.seed, ckpt_path)
@@ -297,15 +298,19 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
             callback.dirpath = str(checkpoint_dir.resolve())
         if callback.filename is None:  # the PPO iteration in the name, e.g. iter-000006.ckpt
             callback.filename, callback.auto_insert_metric_name = runs.CHECKPOINT_NAME, False
-        runs.name_checkpoints_by_iteration(callback)
     if resume is not None and record and (record.get("mlflow") or {}).get("run_id"):
-        _attach_mlflow_run(trainer, cli, record, len(record.get("resumes", [])) + 1)
+        from stepsearch.records.mlflow_resume import attach_recorded_run
+
+        if attach_recorded_run(trainer, record["mlflow"]["run_id"]):
+            for callback in trainer.callbacks:
+                if isinstance(callback, SaveConfigCallback):
+                    callback.resume_number = len(record.get("resumes", [])) + 1
     for logger in trainer.loggers:
         if not isinstance(logger.log_metrics, runs.LogOnce):
             logger.log_metrics = runs.LogOnce(logger)
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    environment = trainer._accelerator_connector.cluster_environment
+    environment = lightning_adapter.cluster_environment(trainer)
     requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     session.preemption = runs.PreemptionCallback(checkpoint_dir, requeue=requeue)
     trainer.callbacks[:0] = [session.preemption, RunRecorder(run_dir, flat, resume)]
@@ -346,31 +351,6 @@ def _resume(run_dir: Path, record: dict | None, ckpt_path: str, flat: dict, allo
     return {"checkpoint": checkpoint.resolve(), "iteration": runs.checkpoint_iteration(checkpoint), "changes": changes}
 
 
-def _attach_mlflow_run(trainer, cli, record: dict, number: int) -> None:
-    """Log into the recorded MLflow run: no new run, no params re-logged (MLflow refuses changes)."""
-    logger = trainer.logger
-    run_id = record["mlflow"]["run_id"]
-    if type(logger).__name__ != "MLFlowLogger":
-        return
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        MlflowClient(logger._tracking_uri).get_run(run_id)
-    except MlflowException:
-        raise StepSearchError(f"run.json names MLflow run {run_id}, which the store {logger._tracking_uri} does not "
-                              "hold: resume with the same trainer.logger settings") from None
-    from stepsearch.records.runs import LogOnce
-
-    logger._run_id = run_id
-    logger.log_hyperparams = lambda *args, **kwargs: None
-    if trainer.is_global_zero:
-        logger.log_metrics = LogOnce(logger, MlflowClient(logger._tracking_uri), run_id)
-    for callback in trainer.callbacks:
-        if isinstance(callback, SaveConfigCallback):
-            callback.resume_number = number
-
-
 class RunRecorder(Callback):
     """At setup (rank 0): write ``run.json`` for a new run, or add the resume to it and set the
     MLflow run back to RUNNING with tags ``resume_count``, ``resumed_from`` and the config changes."""
@@ -392,7 +372,7 @@ class RunRecorder(Callback):
         if record is None:
             mlflow = None
             if client is not None:
-                mlflow = {"run_id": run_id, "tracking_uri": trainer.logger._tracking_uri,
+                mlflow = {"run_id": run_id, "tracking_uri": lightning_adapter.mlflow_tracking_uri(trainer.logger),
                           "experiment_id": client.get_run(run_id).info.experiment_id}
                 client.set_tag(run_id, "run_dir", str(self.run_dir.resolve()))
             record = {"created": now, "mlflow": mlflow, "config": self.flat, "resumes": []}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from stepsearch import lightning_adapter
 from stepsearch.errors import StepSearchError
 
 
@@ -36,17 +37,18 @@ class FullWeightsForGeneration(nn.Module):
     def __init__(self, actor_critic):
         super().__init__()
         object.__setattr__(self, "actor_critic", actor_critic)
+        object.__setattr__(self, "wrapped", actor_critic.policy)  # plain attribute: read without nn.Module's lookup
         self.policy = actor_critic.policy
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_modules"]["policy"], name)
+            return getattr(self.__dict__["wrapped"], name)
 
     def get_base_model(self):
         """What a PEFT-aware caller inspects for ``forward``'s keywords: the wrapped model."""
-        policy = self.__dict__["_modules"]["policy"]
+        policy = self.__dict__["wrapped"]
         return policy.get_base_model() if hasattr(policy, "get_base_model") else policy
 
     def forward(self, *args, **kwargs):
@@ -56,8 +58,8 @@ class FullWeightsForGeneration(nn.Module):
             layers = _fsdp_modules(ac.policy)
             object.__setattr__(self, "_fsdp_layers", layers)
         # The root's lazy init must come first (it claims the layers as its children); unshard()
-        # does not run it, only a forward would, so call it (a private FSDP2 method, torch 2.4+).
-        ac.policy_scorer._get_fsdp_state()._lazy_init()
+        # does not run it, only a forward would, so call it (a private FSDP2 method: lightning_adapter).
+        lightning_adapter.fsdp_lazy_init(ac.policy_scorer)
         # unshard() is a no-op (no collective) on gathered weights, so this costs nothing per decode
         # step; it all-gathers again only when something (a checkpoint's state dict) resharded them in
         # between, which happens on every rank alike, before its first decode step.

@@ -38,13 +38,16 @@ import signal
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from stepsearch import lightning_adapter
 from stepsearch.errors import StepSearchError
 
 RUN_RECORD = "run.json"
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_NAME = "iter-{step:06d}"  # formatted by ModelCheckpoint; step = PPO iterations done
+# {step} = PPO iterations done: ModelCheckpoint fills it from the ``step`` StepSearchPPO logs after
+# each iteration (its own counter), PreemptionCallback from the same counter.
+CHECKPOINT_NAME = "iter-{step:06d}"
 FINGERPRINT_FILE = "stepsearch_fingerprint.json"
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -85,24 +88,6 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
     keys = sorted(k for k in set(old) | set(new) if not invariant(k))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def name_checkpoints_by_iteration(callback) -> None:
-    """``{step}`` in a ModelCheckpoint's file name = PPO iterations done (``trainer.global_step``).
-
-    Lightning fills ``{step}`` from the logged metrics first, and validation logs a ``step`` metric
-    (its MLflow step) that lags: ``epoch=0-step=6.ckpt`` held step 12, and two saves shared a name.
-    """
-    import torch
-
-    original = callback._monitor_candidates
-
-    def candidates(trainer):
-        found = original(trainer)
-        found["step"] = torch.tensor(trainer.global_step)
-        return found
-
-    callback._monitor_candidates = candidates
 
 
 def read_record(run_dir: Path) -> dict | None:
@@ -211,7 +196,7 @@ def write_fingerprint(out_dir, settings: dict, what: str) -> None:
 
 def mlflow_run(logger):
     """(client, run_id) of an MLflow logger whose run exists in this process, else (None, None)."""
-    if logger is None or type(logger).__name__ != "MLFlowLogger" or not getattr(logger, "_initialized", False):
+    if logger is None or type(logger).__name__ != "MLFlowLogger" or not lightning_adapter.mlflow_run_started(logger):
         return None, None
     return logger.experiment, logger.run_id
 
@@ -310,7 +295,7 @@ class PreemptionCallback(Callback):
         self.install()
         # Resumed from a checkpoint written just before a scheduled validation: Lightning skips that
         # validation on restart ("fast-forward"); run it, so the history has no hole at this step.
-        step, interval = trainer.global_step, trainer.val_check_interval
+        step, interval = _iteration(trainer), trainer.val_check_interval
         if (step > 0 and isinstance(interval, int) and step % interval == 0 and hasattr(pl_module, "validation_pass")
                 and pl_module.last_val_step != step):
             pl_module.validation_pass("last")
@@ -318,14 +303,13 @@ class PreemptionCallback(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # The iteration's metrics go to the loggers now, before any checkpoint of it is written
         # (Lightning would log them after this hook; its repeat is dropped by LogOnce).
-        trainer._logger_connector.update_train_step_metrics()
+        lightning_adapter.flush_train_step_metrics(trainer)
         stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
         if not stop:
             return
         self.stopped = self.requested or "SIGTERM"
         self.checkpoint = self._save(trainer)
-        trainer.should_stop = True
-        trainer.stepsearch_stopped = self.stopped  # read by StepSearchPPO: no export / final validation
+        trainer.should_stop = True  # StepSearchPPO reads stop_signal(trainer): no export / final validation
 
     def on_train_end(self, trainer, pl_module) -> None:
         """The final iteration is checkpointed too (after its last validation), unless just saved."""
@@ -337,14 +321,13 @@ class PreemptionCallback(Callback):
 
     def _save(self, trainer) -> Path:
         """Save at this boundary unless a checkpoint of this iteration was just written."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         step = trainer.global_step
         callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
         for callback in callbacks:
-            if getattr(callback, "_last_global_step_saved", None) == step and getattr(callback, "_last_checkpoint_saved", ""):
-                return Path(callback._last_checkpoint_saved)
-        path = self.checkpoint_dir / (CHECKPOINT_NAME.format(step=step) + ".ckpt")
+            saved_step, saved_path = lightning_adapter.last_checkpoint_saved(callback)
+            if saved_step == step and saved_path:
+                return Path(saved_path)
+        path = self.checkpoint_dir / (CHECKPOINT_NAME.format(step=_iteration(trainer)) + ".ckpt")
         if path.exists():  # never overwrite: a resumed-from-earlier run keeps both
             version = 1
             while path.with_name(f"{path.stem}-v{version}.ckpt").exists():
@@ -352,7 +335,7 @@ class PreemptionCallback(Callback):
             path = path.with_name(f"{path.stem}-v{version}.ckpt")
         trainer.save_checkpoint(path)
         for callback in callbacks:  # the iteration's scheduled save would be a second copy
-            callback._last_global_step_saved = step
+            lightning_adapter.mark_checkpoint_saved(callback, step)
         return path
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -377,6 +360,19 @@ class PreemptionCallback(Callback):
             print(f"stopped by {self.stopped} after PPO iteration {trainer.global_step}: checkpoint {self.checkpoint}; "
                   + ("SLURM job requeued" if requeued else "resume with --ckpt_path last"), file=sys.stderr, flush=True)
         return code
+
+
+def stop_signal(trainer) -> str | None:
+    """The signal that stopped this ``fit`` at an iteration boundary (its :class:`PreemptionCallback`), else ``None``."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, PreemptionCallback) and callback.stopped:
+            return callback.stopped
+    return None
+
+
+def _iteration(trainer) -> int:
+    """PPO iterations done: the module's own counter (``StepSearchPPO.ppo_iterations``), else ``global_step``."""
+    return int(getattr(trainer.lightning_module, "ppo_iterations", trainer.global_step))
 
 
 def _slurm_requeue() -> bool:

@@ -26,6 +26,8 @@ from pathlib import Path
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 
+from stepsearch import lightning_adapter
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REWARD_SWITCHES = ("step_rewards", "information_gain", "redundancy_penalty", "search_key_reward")
 POLICY_CARD = "stepsearch_policy.json"  # beside an exported policy: its template and limits, read by evaluate
@@ -94,7 +96,7 @@ class MLflowSaveConfigCallback(SaveConfigCallback):
         tags = run_tags(pl_module)
         for key, value in tags.items():
             client.set_tag(run_id, key, str(value))
-        if not getattr(trainer.logger, "_run_name", None):
+        if not lightning_adapter.mlflow_run_name(trainer.logger):
             client.set_tag(run_id, "mlflow.runName", run_name_from_tags(tags))
 
 
@@ -211,7 +213,7 @@ def log_policy_dir(logger, path, rollout=None) -> None:
     card: dict = {"rollout": asdict(rollout) if rollout is not None else {}}
     if client is not None:
         client.set_tag(run_id, "policy_dir", str(Path(path).resolve()))
-        card.update(run_id=run_id, tracking_uri=logger._tracking_uri,
+        card.update(run_id=run_id, tracking_uri=lightning_adapter.mlflow_tracking_uri(logger),
                     experiment_id=client.get_run(run_id).info.experiment_id)
     Path(path).mkdir(parents=True, exist_ok=True)
     (Path(path) / POLICY_CARD).write_text(json.dumps(card, indent=1) + "\n")

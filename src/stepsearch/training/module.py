@@ -17,8 +17,12 @@ prompts per optimizer step, over all ranks; ``ppo.micro_batch_size`` trajectorie
 device. Per-rank numbers are derived in ``setup`` (one error line when they do not divide). Models
 are built in ``configure_model`` (FSDP2: sharded there, per decoder layer).
 
-Lightning counts every ``optimizer.step()`` under manual optimization; we reset its counter so that
-``global_step``, ``max_steps``, checkpoint cadence and logged steps are all PPO iterations.
+The PPO iteration is our own counter, ``ppo_iterations`` (saved in checkpoints as ``ppo_iteration``):
+it seeds the rollouts, names checkpoints (logged as ``step``, which fills ModelCheckpoint's
+``{step}``) and is the MLflow step of validation. Lightning's ``global_step`` follows it with public
+API only: it counts ``LightningOptimizer.step`` calls, and only an iteration's first optimizer step
+goes through one (:meth:`StepSearchPPO.step_optimizer`), so ``max_steps`` and checkpoint cadence count
+PPO iterations too; a mismatch stops training with one line (``docs/decisions.md``).
 Validation and test: greedy rollouts, EM/F1 (SQuAD normalisation) overall and per dataset; a
 validation pass at step 0 (after any warm-start, before the first update) is logged at step 0.
 
@@ -43,6 +47,7 @@ from stepsearch.errors import StepSearchError
 from stepsearch.models.policy import ActorCritic, LoraSettings, PolicySettings
 from stepsearch.training.validation import EvaluationHooks
 from stepsearch.ppo import core
+from stepsearch.records.runs import stop_signal
 from stepsearch.ppo.algorithms import resolve_algorithm
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.engine import RolloutConfig
@@ -184,6 +189,8 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
                          "mini_batch_size": self.ppo.mini_batch_size * self.algorithm.group_size}
         self.skipped_steps = 0
         self.last_grad_norm = float("nan")
+        self.ppo_iterations = 0  # PPO iterations done: checkpointed, restored by on_load_checkpoint
+        self._iteration_counted = False  # whether this iteration's counted optimizer step was taken
 
     # ----------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -237,7 +244,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
 
     # -------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
-        iteration = self.trainer.global_step
+        iteration = self.ppo_iterations
         group = self.algorithm.group_size
         examples = [ex for ex in batch for _ in range(group)]
         t0 = time.perf_counter()
@@ -293,7 +300,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         ac = self.actor_critic
-        generator = torch.Generator().manual_seed(self.seed + self.trainer.global_step)
+        generator = torch.Generator().manual_seed(self.seed + self.ppo_iterations)
         stats = ppo_iteration(ac, batch, cfg, optimizers, [ac.actor_parameters(), ac.critic_parameters()], comm,
                               beta=self.kl_controller.value, temperature=max(self.rollout_config.temperature, 1e-6),
                               generator=generator, algorithm=self.algorithm)
@@ -321,7 +328,7 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         checkpoint["skipped_steps"] = int(self.skipped_steps)  # a running count: continues after resume
         # Exact continuation (stepsearch.records.runs): the iteration, every rank's RNG states, and the
         # validation history (the before/after table still compares with step 0 after a resume).
-        checkpoint["ppo_iteration"] = int(self.trainer.global_step)
+        checkpoint["ppo_iteration"] = int(self.ppo_iterations)
         checkpoint["rng_states"] = all_rng_states(self.trainer)
         checkpoint["val_history"] = {"history": self.history, "last_val_step": self.last_val_step}
 
@@ -329,6 +336,8 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         if "kl_coef" in checkpoint:
             self.kl_controller.value = float(checkpoint["kl_coef"])
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        # Checkpoints from before the counter carry the same number as Lightning's global_step.
+        self.ppo_iterations = int(checkpoint.get("ppo_iteration", checkpoint.get("global_step", 0)))
         if "val_history" in checkpoint:
             self.history = dict(checkpoint["val_history"]["history"])
             self.last_val_step = checkpoint["val_history"]["last_val_step"]
@@ -338,16 +347,32 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
 
             set_rng_state(states[self.global_rank] if len(states) == self.trainer.world_size else states[0])
 
+    def step_optimizer(self, optimizer) -> None:
+        """One optimizer step (clipping and the non-finite check run in ``on_before_optimizer_step``).
+
+        Lightning's ``global_step`` counts ``LightningOptimizer.step`` calls; a PPO iteration takes many
+        optimizer steps and is one global step. Its first step goes through the ``LightningOptimizer``
+        (counted), the others straight to ``strategy.optimizer_step`` (the same precision plugin and
+        hooks, uncounted), so ``global_step`` stays equal to :attr:`ppo_iterations`.
+        """
+        if self._iteration_counted:
+            self.trainer.strategy.optimizer_step(getattr(optimizer, "optimizer", optimizer), lambda: None)
+        else:
+            optimizer.step()
+            self._iteration_counted = True
+
     def _count_one_iteration(self, before: int) -> None:
-        """Make Lightning's optimizer-step counter advance by exactly one per PPO iteration."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        extra = progress.total.completed - (before + 1)
-        for tracker in (progress.total, progress.current):
-            tracker.ready -= extra
-            tracker.completed -= extra
+        """PPO iteration ``before`` is done: count it; ``step`` (logged, not to the loggers) names its checkpoint."""
+        self.ppo_iterations = before + 1
+        self._iteration_counted = False
+        self.log("step", float(self.ppo_iterations), logger=False, on_step=True, on_epoch=False, batch_size=1)
+        if self.trainer.global_step != self.ppo_iterations:
+            raise StepSearchError(f"Lightning's global_step is {self.trainer.global_step} after PPO iteration "
+                                  f"{self.ppo_iterations}: it no longer counts one per LightningOptimizer.step "
+                                  "(StepSearchPPO.step_optimizer); check the installed Lightning version")
 
     def on_fit_end(self) -> None:
-        if getattr(self.trainer, "stepsearch_stopped", None):
+        if stop_signal(self.trainer):
             return  # stopped by a signal: nothing trained to the end to export or report yet
         full_state = self.actor_critic.gather_policy_state()  # FSDP2: a collective, so on every rank
         if self.global_rank != 0:

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from stepsearch import lightning_adapter
 from stepsearch.errors import StepSearchError
 from stepsearch.models.sharded_generation import decoder_layers
 from stepsearch.ppo.algorithms import resolve_algorithm
@@ -49,12 +50,20 @@ class FSDP2Strategy(ModelParallelStrategy):
                          process_group_backend=process_group_backend, **kwargs)
 
     def setup_environment(self) -> None:
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        lightning_adapter.set_data_parallel_size(self, self.num_nodes * self.num_processes)
         super().setup_environment()
 
 
+def _attached_trainer(module):
+    """The module's trainer, ``None`` when it has none (``LightningModule.trainer`` raises then)."""
+    try:
+        return module.trainer
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def _world(module) -> tuple[int, int]:
-    trainer = getattr(module, "_trainer", None)
+    trainer = _attached_trainer(module)
     if trainer is None:
         return 1, 0
     return trainer.world_size, trainer.global_rank
@@ -161,7 +170,7 @@ def _stepper(module, reduce: bool):
         if reduce:
             flat_all_reduce(params)
         module.last_grad_norm = float("nan")
-        optimizer.step()  # clipping and the non-finite check run in on_before_optimizer_step
+        module.step_optimizer(optimizer)  # one global step per PPO iteration; clipping in on_before_optimizer_step
         return module.last_grad_norm
 
     return step
@@ -227,7 +236,7 @@ def _compute_dtype(settings, device: torch.device):
 def shard_if_model_parallel(module) -> None:
     """Under :class:`ModelParallelStrategy`: ``fully_shard`` each decoder layer of policy, critic
     and reference, the value heads (float32), then each model's root; mixed precision by settings."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = _attached_trainer(module)
     if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
         return
     from torch.distributed.device_mesh import init_device_mesh

@@ -4,17 +4,19 @@ Greedy rollouts through the one evaluation path (:func:`stepsearch.evaluation.lo
 EM/F1 (SQuAD normalisation) overall, per dataset and per hop count; a validation pass at step 0
 (after any warm-start, before the first update) and at the last iteration, outside Lightning's
 schedule, logged at the PPO iteration; sample trajectories to MLflow. Expects ``val_metrics``,
-``history``, ``last_val_step``, ``reward_config``, ``actor_critic`` and ``num_logged_samples`` on
-the module.
+``history``, ``last_val_step``, ``reward_config``, ``actor_critic``, ``num_logged_samples`` and
+``ppo_iterations`` (the PPO iterations done, the module's own checkpointed counter) on the module.
 """
 
 from __future__ import annotations
+
+from stepsearch.records.runs import stop_signal
 
 
 class EvaluationHooks:
     def on_train_start(self) -> None:
         """Validation at step 0: after any warm-start, before the first PPO update."""
-        if self.trainer.global_step == 0:
+        if self.ppo_iterations == 0:
             self.validation_pass("step0")
 
     def on_train_end(self) -> None:
@@ -24,7 +26,7 @@ class EvaluationHooks:
         """A last validation at the final iteration, unless the schedule just ran one there (or a
         signal stopped the run: the resumed run validates at its end). Also called by the run's
         checkpoint callback before it saves the final checkpoint (``stepsearch.records.runs``)."""
-        if self.last_val_step != self.trainer.global_step and not getattr(self.trainer, "stepsearch_stopped", None):
+        if self.last_val_step != self.ppo_iterations and not stop_signal(self.trainer):
             self.validation_pass("last")
 
     def validation_pass(self, key: str) -> None:
@@ -36,9 +38,9 @@ class EvaluationHooks:
         if not metrics:  # no validation data configured
             return
         self.history[key] = metrics
-        self.last_val_step = self.trainer.global_step
+        self.last_val_step = self.ppo_iterations
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.trainer.global_step)
+            logger.log_metrics(metrics, step=self.ppo_iterations)
 
     def evaluate_loader(self, loader, prefix: str) -> dict[str, float]:
         self.val_metrics.to(self.device).reset()
@@ -79,16 +81,22 @@ class EvaluationHooks:
         metrics = self.val_metrics.compute(prefix)
         # Logged at step = PPO updates applied so far (as the step-0 pass); Lightning's default here is
         # one less, because validation runs before its batch counter moves on.
-        self.log_dict({**metrics, "step": float(self.trainer.global_step)}, sync_dist=False)
+        step = self.logged_step()
+        self.log_dict({**metrics, "step": float(step)}, sync_dist=False)
         self.history["last" if prefix == "val" else prefix] = metrics
         if prefix == "val":
-            self.last_val_step = self.trainer.global_step
+            self.last_val_step = step
         if self.val_metrics.samples is not None:
             from stepsearch.records.tracking import log_trajectory_samples
 
             trajectory, scores, examples = self.val_metrics.samples
             log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
-                                   f"samples/{prefix}_step{self.trainer.global_step:05d}", self.num_logged_samples)
+                                   f"samples/{prefix}_step{step:05d}", self.num_logged_samples)
+
+    def logged_step(self) -> int:
+        """The step of evaluation metrics: the PPO iterations done while fitting; outside ``fit``
+        (``validate``/``test``) Lightning's ``global_step``, which does not restore the loops."""
+        return self.ppo_iterations if self.trainer.state.fn == "fit" else self.trainer.global_step
 
     def predict_step(self, batch, batch_idx):
         from stepsearch.evaluation.loop import prediction_rows, rollout_and_score
