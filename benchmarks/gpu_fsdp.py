@@ -103,6 +103,7 @@ def run(args) -> None:
         algorithm, ppo_epochs, mini_batch_size, micro_batch_size = "steppo", 1, args.rollouts // 2, 8
         loss_agg, clip_eps, value_clip, entropy_coef, value_coef = "token-mean", 0.2, 0.5, 0.001, 0.5
         gamma, lam, kl_coef, kl_estimator, whiten_advantages, released_gae = 1.0, 1.0, 0.001, "k1", True, False
+        tis_cap = None
 
     class Bench(L.LightningModule):
         def __init__(self):

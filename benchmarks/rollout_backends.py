@@ -45,7 +45,7 @@ def compare_backends(args) -> int:
 
     from stepsearch.models.loading import load_policy
     from stepsearch.rollout.hf_engine import HFRolloutEngine
-    from stepsearch.rollout.engine import RolloutConfig
+    from stepsearch.rollout.engine import RolloutConfig, VLLMSettings
     from stepsearch.rollout.vllm_engine import VLLMRolloutEngine, build_llm
 
     from rollout import print_markdown
@@ -54,8 +54,8 @@ def compare_backends(args) -> int:
     work_dir = tempfile.TemporaryDirectory(prefix="stepsearch_bench_backends_")  # removed when done (or at exit)
     sft, retriever, questions = build(Path(work_dir.name), console)
     model, tokenizer = load_policy(sft, device="cpu")
-    config = RolloutConfig(**ROLLOUT, vllm_memory_share=args.memory_share)
-    sync_config = RolloutConfig(**ROLLOUT, vllm_memory_share=args.memory_share, independent_turns=False)
+    config = RolloutConfig(**ROLLOUT, vllm=VLLMSettings(memory_share=args.memory_share))
+    sync_config = RolloutConfig(**ROLLOUT, vllm=VLLMSettings(memory_share=args.memory_share), independent_turns=False)
     started = time.perf_counter()
     llm = build_llm(str(sft), config, torch.float32, seed=0)
     load_s = time.perf_counter() - started

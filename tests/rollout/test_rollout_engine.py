@@ -80,13 +80,13 @@ def test_greedy_tokens_are_the_argmax_of_a_full_forward(model64, tiny, retriever
     assert max(r.num_turns for r in traj.records) == CONFIG.max_turns + 1
 
 
-def test_rollout_logprobs_only_with_tis_and_match_a_float64_forward(model64, tiny, retriever):
-    """With ``tis_cap`` the engine's per-token log-probs are ``log softmax(logits / T)`` of the sampled
+def test_rollout_logprobs_only_when_asked_and_match_a_float64_forward(model64, tiny, retriever):
+    """With ``return_logprobs`` (truncated IS) the engine's per-token log-probs are ``log softmax(logits / T)`` of the sampled
     token (the trainer's definition), checked against a float64 forward over the final rows; without
     it none are computed."""
     model, tokenizer = tiny
     assert HFRolloutEngine(model, tokenizer, retriever, CONFIG).generate(QUESTIONS, seed=3).rollout_logprobs is None
-    config = RolloutConfig(**{**CONFIG.__dict__, "temperature": 0.7, "top_p": 1.0, "tis_cap": 2.0})
+    config = RolloutConfig(**{**CONFIG.__dict__, "temperature": 0.7, "top_p": 1.0, "return_logprobs": True})
     traj = HFRolloutEngine(model, tokenizer, retriever, config).generate(QUESTIONS, seed=3)
     assert traj.rollout_logprobs is not None and traj.loss_mask.sum() > 2 * len(QUESTIONS)
     with torch.no_grad():

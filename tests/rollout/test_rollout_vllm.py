@@ -234,7 +234,7 @@ def test_fit_with_the_vllm_backend(vllm_env, tmp_path):
     for backend in ("hf", "vllm"):
         env = type("Env", (), {"sft_dir": vllm_env["sft_dir"]})
         tis_cap = 2.0 if backend == "vllm" else None
-        module = make_module(env, rollout=vllm_rollout_config(backend=backend, tis_cap=tis_cap),
+        module = make_module(env, rollout=vllm_rollout_config(backend=backend), ppo={"tis_cap": tis_cap},
                              log_samples_every_n_steps=0)
         data = StepSearchDataModule(train=str(vllm_env["paths"]["train"]), val=str(vllm_env["paths"]["val"]),
                                     retriever=RetrieverConfig(kind="bm25", index=str(vllm_env["index_dir"])),

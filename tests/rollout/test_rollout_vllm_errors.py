@@ -9,14 +9,15 @@ from types import SimpleNamespace
 import pytest
 
 from stepsearch.errors import StepSearchError
-from stepsearch.rollout.engine import RolloutConfig
+from stepsearch.rollout.engine import RolloutConfig, VLLMSettings
 
 
 def test_backend_names_are_checked():
     with pytest.raises(StepSearchError, match="backend must be one of hf, vllm"):
         RolloutConfig(backend="sglang")
-    with pytest.raises(StepSearchError, match="tis_cap needs top_p = 1"):
-        RolloutConfig(tis_cap=2.0, top_p=0.9)
+    with pytest.raises(StepSearchError, match=r"vllm.memory_share must be in \(0, 1\)"):
+        RolloutConfig(vllm=VLLMSettings(memory_share=1.5))
+    assert RolloutConfig(vllm={"memory_share": 0.3}).vllm == VLLMSettings(memory_share=0.3)  # a policy card's dict
 
 
 def test_vllm_missing_is_one_line(monkeypatch):
@@ -44,6 +45,6 @@ def test_memory_share_the_machine_cannot_give():
     pytest.importorskip("vllm", reason="vLLM is not installed")
     from stepsearch.rollout.vllm_engine import memory_arguments
 
-    with pytest.raises(StepSearchError, match=r"vllm_memory_share=0.99: .* only .* GiB are free"):
-        memory_arguments(RolloutConfig(vllm_memory_share=0.99), on_cpu=True)
-    assert memory_arguments(RolloutConfig(vllm_memory_share=0.01), on_cpu=True)["kv_cache_memory_bytes"] > 0
+    with pytest.raises(StepSearchError, match=r"vllm.memory_share=0.99: .* only .* GiB are free"):
+        memory_arguments(RolloutConfig(vllm=VLLMSettings(memory_share=0.99)), on_cpu=True)
+    assert memory_arguments(RolloutConfig(vllm=VLLMSettings(memory_share=0.01)), on_cpu=True)["kv_cache_memory_bytes"] > 0

@@ -19,7 +19,9 @@ TEST_MEMORY_SHARE = 0.02  # of RAM for vLLM's KV cache (~0.5 GB here): 5 people 
 def vllm_rollout_config(**overrides):
     from training_fixtures import rollout_config
 
-    return rollout_config(**{"vllm_memory_share": TEST_MEMORY_SHARE, **overrides})
+    from stepsearch.rollout.engine import VLLMSettings
+
+    return rollout_config(**{"vllm": VLLMSettings(memory_share=TEST_MEMORY_SHARE), **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -186,7 +186,7 @@ class DecodeSession:
                  streams=None, logprobs: bool = False):
         self.forward, self.stop_rule, self.pad_id, self.device = forward, stop_rule, pad_id, device
         # Per-token log-probs cost a full-vocabulary float log-softmax per step: only when asked
-        # (truncated IS, ``RolloutConfig.tis_cap``); otherwise ``TurnOutput.logprobs`` is None.
+        # (``RolloutConfig.return_logprobs``, for truncated IS); otherwise ``TurnOutput.logprobs`` is None.
         self.logprobs = logprobs
         # ``streams``: per-row uniforms indexed by the caller's row keys (ints), RowStreams.
         self.greedy, self.temperature, self.top_p, self.streams = greedy, temperature, top_p, streams

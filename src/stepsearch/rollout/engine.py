@@ -49,8 +49,24 @@ from stepsearch.rollout.trajectory import SearchStep, Trajectory, TrajectoryReco
 
 
 @dataclass
+class VLLMSettings:
+    """Settings only the vLLM backend reads (``rollout.vllm.*``, with ``rollout.backend: vllm``)."""
+
+    memory_share: float = 0.1  # GPU: vLLM's gpu_memory_utilization; CPU: share of RAM reserved for the KV cache
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    sleep: bool = False  # GPU: free vLLM's weights and KV cache between rollouts (sleep/wake)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.memory_share < 1:
+            raise StepSearchError(f"rollout config: vllm.memory_share must be in (0, 1), got {self.memory_share}")
+
+
+@dataclass
 class RolloutConfig:
-    """Rollout settings (defaults: the paper's). Token limits are per turn, except the context cap."""
+    """Rollout settings (defaults: the paper's). Token limits are per turn, except the context cap.
+
+    Backend-specific settings live in the backend's own dataclass (``vllm``); trainer settings are the
+    trainer's (truncated importance sampling: ``model.ppo.tis_cap``)."""
 
     max_turns: int = 5
     max_response_tokens: int = 800  # per generation turn
@@ -64,12 +80,14 @@ class RolloutConfig:
     seed: int | None = None  # default seed of generate(); None draws a fresh one
     backend: str = "hf"  # "hf": the training model itself | "vllm": a colocated vLLM engine (README "vLLM")
     independent_turns: bool = True  # per-row turn loops where the backend batches continuously (vllm)
-    vllm_memory_share: float = 0.1  # GPU: gpu_memory_utilization; CPU: share of RAM reserved for the KV cache
-    vllm_enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
-    vllm_sleep: bool = False  # GPU: free vLLM's weights and KV cache between rollouts (sleep/wake)
-    tis_cap: float | None = None  # truncated importance-sampling cap C (rollout.correction); None: off
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    # Report each policy token's sampling log-prob (Trajectory.rollout_logprobs; vLLM always does). The
+    # trainer turns it on for truncated importance sampling (model.ppo.tis_cap).
+    return_logprobs: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.vllm, dict):  # from a policy card (asdict) or a plain mapping
+            self.vllm = VLLMSettings(**self.vllm)
         checks = [
             (self.max_turns >= 0, "max_turns must be >= 0"),
             (self.max_response_tokens >= 1, "max_response_tokens must be >= 1"),
@@ -79,10 +97,6 @@ class RolloutConfig:
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
-            (0 < self.vllm_memory_share < 1, "vllm_memory_share must be in (0, 1)"),
-            (self.tis_cap is None or self.tis_cap >= 1, "tis_cap must be >= 1 (or null: off)"),
-            (self.tis_cap is None or self.top_p == 1, "tis_cap needs top_p = 1: with a nucleus, the engine's "
-             "log-probs are not the trainer's full-softmax ones and the weights would be biased"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,7 +13,7 @@ Token positions in :class:`SearchStep` and ``last_token_index`` index into those
 ``rollout_logprobs[b, i]`` (optional, float32) is the rollout engine's log-prob of token ``i`` given
 the tokens before it, ``log softmax(logits / temperature)`` over the full vocabulary (the trainer's
 definition), on policy tokens only (0 elsewhere). The trainer recomputes these log-probs anyway; the
-engine's copy serves the truncated importance-sampling correction (``rollout.correction``), which
+engine's copy serves the truncated importance-sampling correction (``ppo.correction``), which
 reweights tokens where the two engines disagree (vLLM kernels vs. the training forward).
 """
 

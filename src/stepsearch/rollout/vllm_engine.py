@@ -20,8 +20,8 @@ between releases: this engine needs the in-place ``reload_weights`` worker metho
   KV blocks were computed by the old weights). The state dict includes the tied ``lm_head.weight``:
   without it vLLM 0.32 silently kept the old output layer.
 - **Colocated** in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so weights are handed
-  over as tensors, no serialization). Memory is bounded by ``rollout.vllm_memory_share``: on GPU it is
-  vLLM's ``gpu_memory_utilization`` (plus optional sleep/wake between rollouts, ``vllm_sleep``); on CPU
+  over as tensors, no serialization). Memory is bounded by ``rollout.vllm.memory_share``: on GPU it is
+  vLLM's ``gpu_memory_utilization`` (plus optional sleep/wake between rollouts, ``vllm.sleep``); on CPU
   the KV cache is sized explicitly to that share of RAM (vLLM's own CPU default subtracts the whole
   process's RSS, the trainer included, from the share). DDP: every rank builds its own engine on its
   own device and syncs its own (identical) replica. FSDP2 would need gathered full weights: refused.
@@ -91,23 +91,23 @@ def check_head_size(hf_config, model_path) -> None:
 
 def memory_arguments(config: RolloutConfig, on_cpu: bool) -> dict:
     """vLLM's memory arguments for the configured share, after checking the share is available."""
-    share = config.vllm_memory_share
+    share = config.vllm.memory_share
     if on_cpu:
         import psutil
 
         memory = psutil.virtual_memory()
         reserve = int(share * memory.total)
         if reserve > memory.available:
-            raise StepSearchError(f"model.rollout.vllm_memory_share={share}: vLLM's KV cache would reserve "
+            raise StepSearchError(f"model.rollout.vllm.memory_share={share}: vLLM's KV cache would reserve "
                                   f"{reserve / 2**30:.1f} GiB of RAM but only {memory.available / 2**30:.1f} GiB are "
                                   "free; lower the share")
         return {"kv_cache_memory_bytes": reserve}
     free, total = torch.cuda.mem_get_info()
     if share * total > free:
-        raise StepSearchError(f"model.rollout.vllm_memory_share={share}: vLLM would take {share * total / 2**30:.1f} "
+        raise StepSearchError(f"model.rollout.vllm.memory_share={share}: vLLM would take {share * total / 2**30:.1f} "
                               f"GiB of GPU memory but only {free / 2**30:.1f} GiB are free next to the trainer; "
                               "lower the share")
-    return {"gpu_memory_utilization": share, "enable_sleep_mode": config.vllm_sleep}
+    return {"gpu_memory_utilization": share, "enable_sleep_mode": config.vllm.sleep}
 
 
 def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: int = 0):
@@ -118,7 +118,7 @@ def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors handed over as is
     check_head_size(AutoConfig.from_pretrained(model_path), model_path)
     on_cpu = _on_cpu()
-    eager = on_cpu if config.vllm_enforce_eager is None else config.vllm_enforce_eager
+    eager = on_cpu if config.vllm.enforce_eager is None else config.vllm.enforce_eager
     scheduling = {}
     if on_cpu:
         # vLLM 0.32's CPU runner crashes when a seeded request's prefill is split over steps (it
@@ -134,7 +134,7 @@ def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: 
     except ValueError as error:  # vLLM's own memory checks (e.g. the share minus what it measured)
         if "memory" in str(error).lower():
             first = str(error).splitlines()[0]
-            raise StepSearchError(f"model.rollout.vllm_memory_share={config.vllm_memory_share}: not enough memory "
+            raise StepSearchError(f"model.rollout.vllm.memory_share={config.vllm.memory_share}: not enough memory "
                                   f"for vLLM ({first}); lower the share or free memory") from None
         raise
     finally:
@@ -217,7 +217,7 @@ class VLLMRolloutEngine(TurnLoopEngine):
 
     # --- generation ------------------------------------------------------------------------------
     def _begin(self, seed, greedy):
-        if self.config.vllm_sleep:  # wake before syncing: asleep, the weights are not on the device
+        if self.config.vllm.sleep:  # wake before syncing: asleep, the weights are not on the device
             self.llm.wake_up()
         if self.stale:
             self.sync_weights()
@@ -227,7 +227,7 @@ class VLLMRolloutEngine(TurnLoopEngine):
 
     def _end(self):
         self._abort_in_flight()
-        if self.config.vllm_sleep:
+        if self.config.vllm.sleep:
             self.llm.sleep(level=1)
 
     def _abort_in_flight(self) -> None:

@@ -50,7 +50,7 @@ from stepsearch.ppo import core
 from stepsearch.records.runs import stop_signal
 from stepsearch.ppo.algorithms import resolve_algorithm
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
-from stepsearch.rollout.engine import RolloutConfig
+from stepsearch.rollout.engine import RolloutConfig, VLLMSettings
 from stepsearch.rollout.seeding import example_row_keys, iteration_seed
 from stepsearch.training.combinations import refuse_combinations
 from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
@@ -129,7 +129,8 @@ class OptimSettings:
 # Checkpoints carry these settings as hyperparameters, and resuming loads them with
 # ``torch.load(weights_only=True)``, which accepts only allow-listed classes.
 torch.serialization.add_safe_globals([PPOSettings, OptimSettings, PolicySettings, LoraSettings, RolloutConfig,
-                                      RewardConfig, BootstrapSettings, TinyModelSettings, WarmStartSettings])
+                                      VLLMSettings, RewardConfig, BootstrapSettings, TinyModelSettings,
+                                      WarmStartSettings])
 
 
 class StepSearchPPO(EvaluationHooks, pl.LightningModule):
@@ -164,6 +165,8 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.automatic_optimization = False
         self.model_settings = model or PolicySettings()
         self.rollout_config = rollout or RolloutConfig()
+        if (ppo or PPOSettings()).tis_cap is not None and not self.rollout_config.return_logprobs:
+            self.rollout_config = replace(self.rollout_config, return_logprobs=True)  # TIS reads the engine's
         self.ppo = ppo or PPOSettings()
         self.algorithm = resolve_algorithm(self.ppo)  # the one place the name is read
         rewards = self.algorithm.rewards(rewards or RewardConfig())  # ppo: the global answer reward only
