@@ -80,16 +80,35 @@ def test_extract_answer_takes_the_last_block():
 
 
 def test_format_observation_exact():
+    # StepSearch's released client writes each document as `Doc k<## Title: "TITLE" ##> text` from the
+    # service's contents `"TITLE"\ntext` (the quotes are the first line's), joins them with newlines
+    # and strips the block; written out here by hand, not produced by the code under test.
     passages = [Passage("1", "Toto (band)", "Toto is a band.", 2.0), Passage("7", "Jeff Porcaro", "A drummer.")]
     expected = (
-        "\n\n<information> Doc 1<## Title: Toto (band) ##> Toto is a band.\n"
-        "Doc 2<## Title: Jeff Porcaro ##> A drummer. </information>\n\n"
+        '\n\n<information> Doc 1<## Title: "Toto (band)" ##> Toto is a band.\n'
+        'Doc 2<## Title: "Jeff Porcaro" ##> A drummer. </information>\n\n'
     )
     assert tpl.format_observation(passages) == expected
     # The released plan prompt also returns results inside <information>.
     assert tpl.format_observation(passages, template="plan") == expected
     head, tail = tpl.observation_parts()
     assert expected.startswith(head) and expected.endswith(tail)
+    assert tpl.format_observation([]) == "\n\n<information>  </information>\n\n"  # released: '' stripped
+
+
+def test_search_r1_observation_format_exact():
+    passages = [Passage("1", "Toto (band)", "Toto is a band.", 2.0), Passage("7", "Jeff Porcaro", "A drummer.")]
+    expected = (
+        '\n\n<information>Doc 1(Title: "Toto (band)") Toto is a band.\n'
+        'Doc 2(Title: "Jeff Porcaro") A drummer.</information>\n\n'
+    )
+    assert tpl.format_observation(passages, observation_format="search-r1") == expected
+    head, tail = tpl.observation_parts("think", "search-r1")
+    assert (head, tail) == ("\n\n<information>", "</information>\n\n")
+    # A passage with an empty body: the released clients strip the joined block, so no trailing space.
+    assert tpl.format_documents([Passage("2", "T", "")]) == 'Doc 1<## Title: "T" ##>'
+    with pytest.raises(StepSearchError, match="unknown observation_format 'plain': choose one of"):
+        tpl.format_observation(passages, observation_format="plain")
 
 
 def test_environment_notices_hold_no_tag_pairs():

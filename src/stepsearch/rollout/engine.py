@@ -74,6 +74,7 @@ class RolloutConfig:
     max_context_tokens: int = 4096  # prompt + response
     top_k: int = 3  # documents per search
     template: str = "think"  # "think" or "plan" (stepsearch.rollout.template.TEMPLATES)
+    observation_format: str = "stepsearch"  # or "search-r1": the released layouts (rollout.template)
     use_chat_template: bool | None = None  # None: when the tokenizer has one
     temperature: float = 1.0
     top_p: float = 0.95
@@ -102,6 +103,7 @@ class RolloutConfig:
             if not ok:
                 raise StepSearchError(f"rollout config: {message}")
         tpl.get_template(self.template)
+        tpl.check_observation_format(self.observation_format)
 
 
 BACKENDS = ("hf", "vllm")
@@ -153,7 +155,7 @@ class TurnLoopEngine:
         self.retriever = retriever
         self.config = config or RolloutConfig()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        head, tail = tpl.observation_parts(self.config.template)
+        head, tail = tpl.observation_parts(self.config.template, self.config.observation_format)
         self._obs_head = self._encode(head)
         self._obs_tail = self._encode(tail)
 
@@ -393,10 +395,10 @@ class TurnLoopEngine:
     def _observation_ids(self, passages: list[Passage]) -> list[int]:
         """The observation's ids; over ``max_observation_tokens`` the documents are cut, the closing
         tag kept."""
-        full = self._encode(tpl.format_observation(passages, self.config.template))
+        full = self._encode(tpl.format_observation(passages, self.config.template, self.config.observation_format))
         if len(full) <= self.config.max_observation_tokens:
             return full
-        body = self._encode(tpl.format_documents(passages))
+        body = self._encode(tpl.format_documents(passages, self.config.observation_format))
         budget = self.config.max_observation_tokens - len(self._obs_head) - len(self._obs_tail)
         return self._obs_head + body[: max(budget, 0)] + self._obs_tail
 

@@ -11,6 +11,16 @@ Two named templates:
   ``<information>``": the released prompt still returns results inside ``<information>``, so
   :func:`format_observation` uses ``<information>`` for both templates.
 
+Observations come in the two released formats (``observation_format``, the rollout option of the
+same name), so a checkpoint of either project reads the layout it was trained with. Each document is
+written as the released clients write it from the service's ``contents`` (``"Title"\ntext``): the
+title is its first line, quotes included, the text the rest; the documents are joined by newlines.
+
+- ``stepsearch`` (default; StepSearch @43215ba ``generation.py``):
+  ``\n\n<information> Doc 1<## Title: "T1" ##> text1\nDoc 2<## Title: "T2" ##> text2 </information>\n\n``
+- ``search-r1`` (Search-R1 @a14dc3a ``generation.py``):
+  ``\n\n<information>Doc 1(Title: "T1") text1\nDoc 2(Title: "T2") text2</information>\n\n``
+
 Parsing follows Search-R1: the first ``<search>…</search>`` or ``<answer>…</answer>`` pair of the
 turn's text is the action; the environment's notices go inside ``<warning>…</warning>``.
 Everything here is pure text; token-level work happens in :mod:`stepsearch.rollout.engine`.
@@ -93,6 +103,14 @@ LAST_TURN_WARNING = (
     "answer tags now."
 )
 
+# name -> (one document's line from its number, title and text; text after the opening tag;
+# text before the closing tag). Titles are quoted as the released clients take them from ``contents``.
+OBSERVATION_FORMATS: dict[str, tuple[str, str, str]] = {
+    "stepsearch": ('Doc {number}<## Title: "{title}" ##> {text}', " ", " "),
+    "search-r1": ('Doc {number}(Title: "{title}") {text}', "", ""),
+}
+DEFAULT_OBSERVATION_FORMAT = "stepsearch"
+
 _ACTION_RE = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL)
 
 
@@ -115,6 +133,15 @@ def get_template(template: str) -> Template:
         from stepsearch.errors import StepSearchError
 
         raise StepSearchError(f"unknown template {template!r}: choose one of {sorted(TEMPLATES)}") from None
+
+
+def check_observation_format(observation_format: str) -> str:
+    if observation_format not in OBSERVATION_FORMATS:
+        from stepsearch.errors import StepSearchError
+
+        raise StepSearchError(f"unknown observation_format {observation_format!r}: choose one of "
+                              f"{sorted(OBSERVATION_FORMATS)}")
+    return observation_format
 
 
 def normalize_question(question: str) -> str:
@@ -172,21 +199,25 @@ def extract_answer(text: str) -> str | None:
     return answer_of(text)
 
 
-def format_documents(passages: Sequence[Passage]) -> str:
-    """``Doc 1<## Title: … ##> text`` lines, one per passage."""
-    return "\n".join(f"Doc {i}<## Title: {p.title} ##> {p.text}" for i, p in enumerate(passages, 1))
+def format_documents(passages: Sequence[Passage], observation_format: str = DEFAULT_OBSERVATION_FORMAT) -> str:
+    """One line per passage in ``observation_format`` (module docstring); stripped at both ends, as
+    the released clients strip the joined block."""
+    line = OBSERVATION_FORMATS[check_observation_format(observation_format)][0]
+    return "\n".join(line.format(number=i, title=p.title, text=p.text) for i, p in enumerate(passages, 1)).strip()
 
 
-def format_observation(passages: Sequence[Passage], template: str = "think") -> str:
-    """``\\n\\n<information> Doc 1<## Title: {title} ##> {text}\\nDoc 2… </information>\\n\\n``."""
-    tag = get_template(template).information_tag
-    return f"\n\n<{tag}> {format_documents(passages)} </{tag}>\n\n"
+def format_observation(passages: Sequence[Passage], template: str = "think",
+                       observation_format: str = DEFAULT_OBSERVATION_FORMAT) -> str:
+    """The whole environment block: head, :func:`format_documents`, tail (module docstring)."""
+    head, tail = observation_parts(template, observation_format)
+    return head + format_documents(passages, observation_format) + tail
 
 
-def observation_parts(template: str = "think") -> tuple[str, str]:
+def observation_parts(template: str = "think", observation_format: str = DEFAULT_OBSERVATION_FORMAT) -> tuple[str, str]:
     """The fixed head and tail around the documents, so a truncated observation keeps its closing tag."""
     tag = get_template(template).information_tag
-    return f"\n\n<{tag}> ", f" </{tag}>\n\n"
+    _line, after_open, before_close = OBSERVATION_FORMATS[check_observation_format(observation_format)]
+    return f"\n\n<{tag}>{after_open}", f"{before_close}</{tag}>\n\n"
 
 
 def format_warning(message: str) -> str:
