@@ -54,8 +54,6 @@ def test_wire_format_is_search_r1_compatible(service):
 @pytest.mark.parametrize(
     "body,status,detail",
     [
-        ({"queries": [], "topk": 3}, 422, "queries is empty"),
-        ({"queries": ["ok", "  "], "topk": 3}, 422, "query at position 1 is empty"),
         ({"queries": ["ok"], "topk": 0}, 422, "topk must be between 1 and 20"),
         ({"queries": ["ok"], "topk": 21}, 422, "topk must be between 1 and 20"),
         ({"queries": ["q"] * 9, "topk": 3}, 413, "too many queries: 9 > 8"),

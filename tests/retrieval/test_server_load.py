@@ -1,4 +1,5 @@
-"""Concurrency: the BM25 race, the service under many loopback clients, queue overflow, timeout, shutdown.
+"""Concurrency: the BM25 race, the service under many loopback clients, queue overflow, timeout, shutdown,
+and what /health counts after timeouts.
 
 Everything is bounded (a few seconds each) and loopback only. The slow cases put a delay in
 front of the real BM25 retriever, so that a queue can fill deterministically.
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from stepsearch.errors import RetrievalError
-from stepsearch.retrieval.batcher import QueueFull, SearchBatcher
+from stepsearch.retrieval.batcher import QueueFull, RequestExpired, SearchBatcher
 from stepsearch.retrieval.client import HttpRetriever
 from stepsearch.retrieval.server import create_app, serve_in_thread
 
@@ -280,3 +281,55 @@ def test_serve_command_health_and_sigterm(bm25_index, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+# /health counts what callers got: a request answered 504 is `expired` (once), and `pending` counts
+# only requests whose callers still wait, even while abandoned ones still sit in the queue.
+
+
+def test_timed_out_requests_are_expired_and_not_pending(bm25_retriever):
+    gated = GatedRetriever(bm25_retriever)
+    app = create_app(gated, request_timeout_s=0.5, max_batch_queries=1)  # one request per search call
+    try:
+        with serve_in_thread(app) as service:
+            def post(query):
+                return httpx.post(f"{service.url}/retrieve", json={"queries": [query], "topk": 1}, timeout=30)
+
+            with ThreadPoolExecutor(6) as pool:
+                first = pool.submit(post, "Neil Peart")
+                assert gated.entered.wait(30)  # the worker is searching the first request
+                queued = list(pool.map(post, ["Toto", "Jeff Porcaro", "Cream band", "Mountrail County", "Rush"]))
+                responses = [first.result(), *queued]
+            assert [r.status_code for r in responses] == [504] * 6  # every client has its answer
+            health = httpx.get(f"{service.url}/health").json()
+            # Five abandoned requests are still in the queue behind the closed gate: nobody waits for them.
+            assert (health["queue"]["expired"], health["queue"]["pending"], health["requests"]) == (6, 0, 0)
+            gated.gate.set()
+            answered = post("Van Hook Township")
+            assert answered.status_code == 200 and answered.json()["result"][0][0]["id"]
+            health = httpx.get(f"{service.url}/health").json()
+    finally:
+        gated.gate.set()
+    # The first request was searched after its caller left: its result is not counted as answered.
+    assert (health["queue"]["expired"], health["queue"]["pending"], health["requests"]) == (6, 0, 1)
+    assert health["queue"]["failed"] == 0 and gated.calls == 2  # the abandoned queued ones were never searched
+
+
+def test_a_request_past_its_deadline_in_the_queue_is_counted_once(bm25_retriever):
+    gated = GatedRetriever(bm25_retriever)
+    batcher = SearchBatcher(gated, max_queue=4)
+    try:
+        first = batcher.submit(["Toto"], 1, timeout_s=30)
+        assert gated.entered.wait(30)
+        late = batcher.submit(["Neil Peart"], 1, timeout_s=0.05)
+        time.sleep(0.1)
+        gated.gate.set()
+        with pytest.raises(RequestExpired):
+            late.result(10)
+        assert first.result(10)[0][0].title
+        assert not batcher.abandon(late)  # it has its outcome already: nothing more to count
+        stats = batcher.stats()
+        assert (stats.expired, stats.requests, stats.pending) == (1, 1, 0)
+    finally:
+        gated.gate.set()
+        batcher.stop()

@@ -8,11 +8,18 @@ Lucene's ``batch_search`` runs a Java thread pool, a dense encoder fills its mat
 
 :class:`SearchBatcher` puts every request in a bounded FIFO queue; a single worker takes all that
 is waiting (up to ``max_batch_queries`` queries), groups it by ``k``, drops duplicate queries, runs
-one ``search`` call per group and hands each request its own slice. A full queue refuses at once
-(:class:`QueueFull`, the service's 503 + ``Retry-After``), a request that waited past its deadline
-is not searched (:class:`RequestExpired`), and ``stop(drain=True)`` answers what was accepted
-before the worker exits (graceful shutdown). If a merged search fails, each request of the group
-is retried alone, so one request's failure never fails the others.
+one ``search`` call per group and hands each request its own slice. A request larger than
+``max_batch_queries`` (Search-R1's recipe sends 2,560 queries in one POST) runs alone, searched in
+chunks of ``max_batch_queries``. A full queue refuses at once (:class:`QueueFull`, the service's
+503 + ``Retry-After``), a request that waited past its deadline is not searched
+(:class:`RequestExpired`), and ``stop(drain=True)`` answers what was accepted before the worker exits
+(graceful shutdown). If a merged search fails, each request of the group is retried alone, so one
+request's failure never fails the others.
+
+Counters say what callers got: a caller that stops waiting (its timeout, the service's 504) calls
+:meth:`SearchBatcher.abandon`, which counts the request ``expired`` once and takes it out of
+``pending`` at once, even while it still sits in the queue; the worker later skips it, or, if it was
+already being searched, drops the result without counting it as answered.
 """
 
 from __future__ import annotations
@@ -46,25 +53,36 @@ class RequestExpired(RetrievalError):
     """The request waited in the queue past its deadline and was not searched."""
 
 
+class SearchFuture(Future):
+    """The future of one request, with the bookkeeping the counters need (guarded by the batcher lock):
+    ``queued`` until the worker takes it or the caller abandons it, ``abandoned`` once the caller
+    stopped waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = True
+        self.abandoned = False
+
+
 @dataclass
 class _Request:
     queries: list[str]
     k: int
     deadline: float
-    future: Future = field(default_factory=Future)
+    future: SearchFuture = field(default_factory=SearchFuture)
 
 
 @dataclass
 class BatcherStats:
-    """Counters since start (``pending`` is the queue length now)."""
+    """Counters since start; ``pending`` is now (requests queued whose callers still wait)."""
 
-    requests: int = 0
-    queries: int = 0
-    batches: int = 0
+    requests: int = 0  # answered with hit lists
+    queries: int = 0  # queries of the answered requests
+    batches: int = 0  # search calls
     searched_queries: int = 0  # after de-duplication inside batches
-    rejected: int = 0
-    expired: int = 0
-    failed: int = 0
+    rejected: int = 0  # refused at once: queue full
+    expired: int = 0  # timed out: past the deadline in the queue, or abandoned by their caller
+    failed: int = 0  # the search raised or answered the wrong shape
     pending: int = 0
 
     @property
@@ -78,7 +96,8 @@ class SearchBatcher:
     Args:
         retriever: any :class:`Retriever`; only the worker thread calls it.
         max_queue: requests waiting at most; one more raises :class:`QueueFull`.
-        max_batch_queries: queries merged into one round at most (a larger request runs alone).
+        max_batch_queries: queries merged into one round, and searched in one call, at most (a larger
+            request runs alone, in chunks of this size).
         batch_wait_s: after the first request of a round, wait this long for more (0: take only
             what is already queued; under load the queue fills while the previous round runs).
     """
@@ -95,7 +114,7 @@ class SearchBatcher:
         self.retriever, self.max_queue = retriever, max_queue
         self.max_batch_queries, self.batch_wait_s = max_batch_queries, float(batch_wait_s)
         self._queue: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # futures are settled under it; their callbacks may read stats
         self._pending = 0
         self._accepting = True
         self._stats = BatcherStats()
@@ -106,7 +125,7 @@ class SearchBatcher:
 
     # ------------------------------------------------------------------ callers
 
-    def submit(self, queries: list[str], k: int, timeout_s: float = 30.0) -> Future:
+    def submit(self, queries: list[str], k: int, timeout_s: float = 30.0) -> SearchFuture:
         """Queue a request; the future resolves to one hit list per query (or raises the failure)."""
         request = _Request(list(queries), int(k), time.monotonic() + timeout_s)
         with self._lock:
@@ -120,6 +139,22 @@ class SearchBatcher:
             self._pending += 1
         self._queue.put(request)
         return request.future
+
+    def abandon(self, future: SearchFuture) -> bool:
+        """The caller stops waiting for ``future``: count it expired and out of ``pending`` (once).
+
+        Returns False when the future already has its outcome (the caller should use it instead).
+        """
+        with self._lock:
+            if future.abandoned:
+                return True
+            if future.done():
+                return False
+            future.abandoned = True
+            future.cancel()  # fails while it is being searched: then the worker drops its result
+            self._stats.expired += 1
+            self._leave_queue(future)
+            return True
 
     def stats(self) -> BatcherStats:
         with self._lock:
@@ -140,6 +175,12 @@ class SearchBatcher:
 
     # ------------------------------------------------------------------ worker
 
+    def _leave_queue(self, future: SearchFuture) -> None:
+        """Count a request out of ``pending`` (once); hold ``self._lock``."""
+        if future.queued:
+            future.queued = False
+            self._pending -= 1
+
     def _retry_after(self) -> int:
         rounds_waiting = max(1, self._pending) / max(1.0, self._stats.mean_batch_requests)
         return max(1, math.ceil(rounds_waiting * self._round_seconds))
@@ -158,6 +199,10 @@ class SearchBatcher:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            if item is not _STOP and item.future.cancelled():
+                with self._lock:
+                    self._leave_queue(item.future)  # abandoned while queued: nothing to search
+                continue
             if item is _STOP or size + len(item.queries) > self.max_batch_queries:
                 self._carry = item  # next round (or the stop marker, after this round is answered)
                 break
@@ -168,7 +213,8 @@ class SearchBatcher:
     def _run(self) -> None:
         while (round_ := self._take_round()) is not None:
             with self._lock:
-                self._pending -= len(round_)
+                for request in round_:
+                    self._leave_queue(request.future)
             started = time.monotonic()
             try:
                 self._answer(round_)
@@ -182,10 +228,10 @@ class SearchBatcher:
         live = []
         for request in round_:
             if not request.future.set_running_or_notify_cancel():
-                continue  # the caller gave up (timeout, disconnect)
+                continue  # abandoned by its caller: counted by abandon()
             if now > request.deadline:
-                request.future.set_exception(RequestExpired("the request waited in the search queue past its timeout"))
-                self._count(expired=1)
+                self._settle(request, error=RequestExpired("the request waited in the search queue past its timeout"),
+                             counter="expired")
                 continue
             live.append(request)
         by_k: dict[int, list[_Request]] = {}
@@ -194,43 +240,59 @@ class SearchBatcher:
         for k, group in by_k.items():
             unique = list(dict.fromkeys(q for request in group for q in request.queries))
             try:
-                hits = self.retriever.search(unique, k)
+                hits = self._search_chunked(unique, k)
             except Exception as err:  # noqa: BLE001 - isolate the failing request below
                 if len(group) == 1:
-                    group[0].future.set_exception(err)
-                    self._count(failed=1)
+                    self._settle(group[0], error=err, counter="failed")
                 else:  # one round trip per request: only the culprit fails
                     for request in group:
                         self._answer_alone(request, k)
                 continue
-            if len(hits) != len(unique):
-                error = RetrievalError(f"{type(self.retriever).__name__}.search returned {len(hits)} hit lists "
-                                       f"for {len(unique)} queries")
-                for request in group:
-                    request.future.set_exception(error)
-                self._count(failed=len(group))
-                continue
             found = dict(zip(unique, hits))
             for request in group:
-                request.future.set_result([list(found[q]) for q in request.queries])
-            self._count(requests=len(group), queries=sum(len(r.queries) for r in group),
-                        batches=1, searched_queries=len(unique))
+                self._settle(request, result=[list(found[q]) for q in request.queries])
+            self._count(searched_queries=len(unique))
+
+    def _search_chunked(self, queries: list[str], k: int) -> list:
+        """``retriever.search`` in calls of at most ``max_batch_queries`` queries; checks the answer's length."""
+        hits: list = []
+        for start in range(0, len(queries), self.max_batch_queries):
+            chunk = queries[start : start + self.max_batch_queries]
+            answer = self.retriever.search(chunk, k)
+            self._count(batches=1)
+            if len(answer) != len(chunk):
+                raise RetrievalError(f"{type(self.retriever).__name__}.search returned {len(answer)} hit lists "
+                                     f"for {len(chunk)} queries")
+            hits.extend(answer)
+        return hits
 
     def _answer_alone(self, request: _Request, k: int) -> None:
         try:
-            result = self.retriever.search(request.queries, k)
+            result = self._search_chunked(request.queries, k)
         except Exception as err:  # noqa: BLE001 - the caller turns it into a 503
-            request.future.set_exception(err)
-            self._count(failed=1)
+            self._settle(request, error=err, counter="failed")
             return
-        if len(result) != len(request.queries):
-            request.future.set_exception(RetrievalError(
-                f"{type(self.retriever).__name__}.search returned {len(result)} hit lists "
-                f"for {len(request.queries)} queries"))
-            self._count(failed=1)
-            return
-        request.future.set_result(result)
-        self._count(requests=1, queries=len(request.queries), batches=1, searched_queries=len(request.queries))
+        self._settle(request, result=result)
+        self._count(searched_queries=len(request.queries))
+
+    def _settle(self, request: _Request, result: list | None = None, error: Exception | None = None,
+                counter: str = "failed") -> None:
+        """Give ``request`` its outcome and count it, unless its caller abandoned it (counted then)."""
+        with self._lock:
+            future = request.future
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+            if future.abandoned:
+                return
+            if error is not None:
+                setattr(self._stats, counter, getattr(self._stats, counter) + 1)
+            else:
+                self._stats.requests += 1
+                self._stats.queries += len(request.queries)
 
     def _fail_round(self, round_: list[_Request], error: Exception) -> None:
         """Fail the round's unanswered futures with ``error`` (an unexpected bug, not a search failure)."""
@@ -238,8 +300,7 @@ class SearchBatcher:
             if request.future.done():
                 continue
             if request.future.running() or request.future.set_running_or_notify_cancel():
-                request.future.set_exception(error)
-                self._count(failed=1)
+                self._settle(request, error=error, counter="failed")
 
     def _count(self, **increments: int) -> None:
         with self._lock:
@@ -252,7 +313,9 @@ class SearchBatcher:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP and item.future.set_running_or_notify_cancel():
-                item.future.set_exception(error)
+            if item is _STOP:
+                continue
             with self._lock:
-                self._pending -= item is not _STOP
+                self._leave_queue(item.future)
+            if item.future.set_running_or_notify_cancel():
+                self._settle(item, error=error, counter="failed")

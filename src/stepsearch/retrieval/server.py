@@ -5,6 +5,15 @@ Request ``{"queries": [...], "topk": k, "return_scores": bool}``; answer ``{"res
 when ``return_scores`` is false (as in Search-R1's ``retrieval_server.py``). ``GET /health`` reports
 the index (kind, size, FAISS type), the queue and the limits.
 
+Drop-in for the released clients, which read ``response.json()['result']`` without checking the
+status (Search-R1 @a14dc3a and StepSearch @43215ba ``generation.py``): what their rollouts send is
+answered with a ``result``. An empty or whitespace query (the model wrote ``<search> </search>``)
+gets an empty hit list in its place, and an empty ``queries`` list an empty ``result``; one POST
+may carry up to ``max_batch`` queries (8,192 by default: Search-R1's ``train_grpo.sh`` sends
+512 prompts x 5 samples = 2,560), searched in chunks of ``max_batch_queries``. Beyond a limit the
+answer is a 4xx without ``result``: such a client then fails with ``KeyError: 'result'``
+(docs/compatibility.md lists what it can and cannot read).
+
 Under load (departures from the released server, which called the retriever from every request
 thread and lost requests to a Java race): all requests go through one
 :class:`~stepsearch.retrieval.batcher.SearchBatcher`, so the retriever is called from one thread
@@ -35,7 +44,7 @@ DEFAULT_HOST = "127.0.0.1"
 class ServiceLimits:
     """Per-request limits and queueing of the service (``serve`` flags of the same names)."""
 
-    max_batch: int = 512  # queries per request (413 above)
+    max_batch: int = 8192  # queries per request (413 above); every released recipe fits
     max_query_chars: int = 4096  # characters per query (422 above)
     max_topk: int = 100  # passages per query (422 above)
     default_topk: int = 3
@@ -116,19 +125,27 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None, **over
 
     def check(body: RetrieveRequest) -> JSONResponse | None:
         queries, k = body.queries, body.topk if body.topk is not None else limits.default_topk
-        if not queries:
-            return reject("queries is empty: send at least one query", 422)
         if len(queries) > limits.max_batch:
             return reject(f"too many queries: {len(queries)} > {limits.max_batch} per request; split the batch", 413)
         if not 1 <= k <= limits.max_topk:
             return reject(f"topk must be between 1 and {limits.max_topk}, got {k}", 422)
         for position, query in enumerate(queries):
-            if not query.strip():
-                return reject(f"query at position {position} is empty", 422)
             if len(query) > limits.max_query_chars:
                 return reject(f"query at position {position} has {len(query)} characters "
                               f"(limit {limits.max_query_chars})", 422)
         return None
+
+    async def search(queries: list[str], k: int) -> list:
+        """The batcher's hit lists; past the request timeout the request is abandoned (counted
+        expired once) and ``TimeoutError`` raised, unless its answer arrived meanwhile."""
+        future = batcher.submit(queries, k, limits.request_timeout_s)
+        waiter = asyncio.wrap_future(future)
+        # asyncio.wait, not wait_for: a timeout must not cancel the future behind abandon()'s back.
+        await asyncio.wait({waiter}, timeout=limits.request_timeout_s)
+        if not future.done() and batcher.abandon(future):
+            waiter.cancel()
+            raise asyncio.TimeoutError
+        return future.result()
 
     @app.post("/retrieve")
     async def retrieve(request: Request):
@@ -143,22 +160,24 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None, **over
         if (problem := check(body)) is not None:
             return problem
         k = body.topk if body.topk is not None else limits.default_topk
+        # Empty queries are not searched: each gets an empty hit list in its place.
+        searched = [position for position, query in enumerate(body.queries) if query.strip()]
+        results: list[list] = [[] for _ in body.queries]
         try:
-            future = batcher.submit(body.queries, k, limits.request_timeout_s)
+            found = await search([body.queries[position] for position in searched], k) if searched else []
         except QueueFull as err:
             return reject(str(err), 503, err.retry_after_s)
         except ShuttingDown as err:
             return reject(str(err), 503, 1)
-        try:
-            results = await asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout_s)
         except (asyncio.TimeoutError, RequestExpired):
-            future.cancel()
             return reject(f"search did not finish within the request timeout ({limits.request_timeout_s:g} s)", 504)
         except StepSearchError as err:
             return reject(str(err), 503, 1)
         except Exception as err:  # noqa: BLE001 - a backend failure must not leak a trace
             first = str(err).splitlines()[0][:200] if str(err) else ""
             return reject(f"retriever failed: {type(err).__name__}: {first}", 503, 1)
+        for position, hits in zip(searched, found):
+            results[position] = hits
         if body.return_scores:
             payload = [[{"document": {"id": p.id, "contents": p.contents}, "score": p.score} for p in hits]
                        for hits in results]
@@ -173,6 +192,7 @@ def create_app(retriever: Retriever, limits: ServiceLimits | None = None, **over
             "status": "ok" if batcher.accepting else "stopping",
             **describe_retriever(retriever),  # per call: a cache's hit counters change
             "requests": stats.requests,
+            # expired: answered 504 (waited or searched past the timeout); pending: waiting callers.
             "queue": {"pending": stats.pending, "max": limits.max_queue, "rejected": stats.rejected,
                       "expired": stats.expired, "failed": stats.failed},
             "batching": {"search_calls": stats.batches, "mean_requests_per_call": round(stats.mean_batch_requests, 2),
