@@ -28,6 +28,13 @@ class RewardConfig:
             reward manager meant ``row += 0.6 * step_tensor(row)``, but ``step_tensor`` writes the
             step scores into ``row`` in place and returns that same view, so the row ends up holding
             ``s + 0.6 s = 1.6 s``. The reproduction keeps the effective 1.6; 0.6 is the written intent.
+        passage_source: where the information gain and redundancy penalty read the passages of each
+            search. ``"retrieved"`` (ours): the texts the retriever returned, a repeat recognised by
+            id. ``"response"`` (released): parsed back out of the response text as the released
+            scorer does, which leaves ``"\\nDoc k+1"`` on every passage but the last of a search
+            and compares texts, so a passage repeated at another rank is not a repeat
+            (:func:`stepsearch.rewards.information.passages_from_response`; needs the ``stepsearch``
+            observation format).
         similarity: ``"tfidf"`` (released: TF-IDF cosine of normalised texts, IDF fitted on
             {d} ∪ G) or ``"dense"`` (cosine of embeddings from an ``embed`` callable).
         format_penalty: the score of a trajectory that fails the format gate (§2a), −1.
@@ -44,6 +51,7 @@ class RewardConfig:
     redundancy_penalty: bool = True
     step_rewards: bool = True
     step_reward_scale: float = 1.6
+    passage_source: Literal["retrieved", "response"] = "retrieved"
     similarity: Literal["tfidf", "dense"] = "tfidf"
     format_penalty: float = -1.0
     environment_tags: tuple[str, ...] = ("information", "warning")
@@ -56,6 +64,9 @@ class RewardConfig:
             raise ConfigError(f"model.rewards.answer_metric must be 'f1' or 'em', got {self.answer_metric!r}")
         if self.key_update not in ("overwrite", "max"):
             raise ConfigError(f"model.rewards.key_update must be 'overwrite' or 'max', got {self.key_update!r}")
+        if self.passage_source not in ("retrieved", "response"):
+            raise ConfigError(f"model.rewards.passage_source must be 'retrieved' or 'response', "
+                              f"got {self.passage_source!r}")
         if self.similarity not in ("tfidf", "dense"):
             raise ConfigError(f"model.rewards.similarity must be 'tfidf' or 'dense', got {self.similarity!r}")
         self.environment_tags = tuple(self.environment_tags)

@@ -24,6 +24,13 @@ texts, not normalised: encoders are trained on natural text), clipped at 0.
 Redundancy penalty: RP_t = |{d ∈ D_t : d already retrieved earlier}| / |D_t|, where "earlier" covers
 earlier steps and earlier positions in the same step, and passages are identified by id when they
 have one, else by text (the released code compared texts only).
+
+Where the passages come from (``RewardConfig.passage_source``): ours are the clean texts the
+retriever returned (``SearchStep.passage_texts``). The released scorer instead read them back out of
+the response text (:func:`passages_from_response`), and its parser leaves ``"\\nDoc k+1"`` on every
+passage but the last of each search: information gain then differs (up to 0.079 measured) and a
+passage repeated at another rank is not recognised (``"B\\nDoc 3"`` ≠ ``"B\\nDoc 2"``). Given the
+same texts, both compute the same numbers.
 """
 
 from __future__ import annotations
@@ -45,6 +52,24 @@ if TYPE_CHECKING:
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 EmbedFn = Callable[[list[str]], np.ndarray]
+
+# A search and the observation right after it, as the released scorer found them.
+_SEARCH_AND_INFORMATION = re.compile(r"<search>.*?</search>\s*<information>(.*?)</information>", re.DOTALL)
+
+
+def passages_from_response(response_text: str) -> list[list[str]]:
+    """The passages of each search as the released StepSearch scorer reads them from the response.
+
+    For every ``<search>…</search>`` followed (after whitespace only) by ``<information>…</information>``:
+    the block's content, stripped, is cut at every ``##>`` (the end of a ``<## Title: … ##>`` head); each
+    piece after the first, cut again before its first ``<##`` and stripped, is one passage. The text
+    after a passage's body up to the next head, ``"\\nDoc k+1"``, stays on it.
+    """
+    steps = []
+    for match in _SEARCH_AND_INFORMATION.finditer(response_text):
+        pieces = match.group(1).strip().split("##>")[1:]
+        steps.append([piece.split("<##")[0].strip() for piece in pieces])
+    return steps
 
 
 def _count_rows(texts: Sequence[str], vocab: dict[str, int]) -> tuple[list[int], list[int], list[float]]:
@@ -141,13 +166,20 @@ def passage_key(passage_id: str | None, text: str) -> tuple[str, str]:
 
 def redundancy_penalties(steps: Sequence["SearchStep"]) -> list[float]:
     """RP_t: fraction of step t's passages already retrieved earlier in the trajectory (§2f)."""
-    seen: set[tuple[str, str]] = set()
-    penalties = []
+    keys_per_step = []
     for step in steps:
         count = max(len(step.passage_ids), len(step.passage_texts))
         ids = list(step.passage_ids) + [""] * (count - len(step.passage_ids))
         texts = list(step.passage_texts) + [""] * (count - len(step.passage_texts))
-        keys = [passage_key(pid, text) for pid, text in zip(ids, texts)]
+        keys_per_step.append([passage_key(pid, text) for pid, text in zip(ids, texts)])
+    return repeat_fractions(keys_per_step)
+
+
+def repeat_fractions(keys_per_step: Sequence[Sequence[object]]) -> list[float]:
+    """Per step, the fraction of its passage keys seen earlier (earlier steps or earlier ranks)."""
+    seen: set = set()
+    penalties = []
+    for keys in keys_per_step:
         repeats = 0
         for key in keys:
             if key in seen:

@@ -5,9 +5,16 @@
   s_{j*} ← F1 (``overwrite``, released) or s_{j*} ← max(s_{j*}, F1) (``max``). r_key = (1/m) Σ_j s_j,
   unmatched groups count 0; 0 with no queries or no keys. The released code rounded each F1 to 4
   decimals; we do not.
-- R = r_ans + γ_key · r_key for a valid format (γ_key = 0.618, key term switchable), else −1. The
-  released scorer also added a small tag-based format bonus (≤ 0.1); the method spec has none, so
-  neither do we.
+- R = r_ans + γ_key · r_key for a valid format (γ_key = 0.618, key term switchable), else −1. No
+  format bonus, as released: StepSearch's scorer (``qa_step.py`` @43215ba) takes a ``format_score``
+  argument but never uses it (and is passed 0). Only Search-R1's ``qa_em_format.py`` grades the tag
+  structure (its ``structure_format_score``/``final_format_score``/``retrieval_score`` arguments);
+  that is Search-R1's reward, not StepSearch's.
+
+Departures from the released scorer (docs/method.md, "Departures from the released code"): r_key is
+logged even when the format gate fails (released: 0.0; R = −1 in both), and the search-key groups are
+those of :class:`~stepsearch.data.schema.Example`, which drops empty groups (released: used as given,
+an empty group counts 0 in the mean).
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 Per trajectory: format gate → global score R (or −1); per search step t: s_t = IG_t − RP_t (each
 term switchable, ``step_rewards`` the master switch). No step scores when the format is invalid or
-the example has no golden paragraphs (n = 0), as released.
+the example has no golden paragraphs (n = 0), as released. The passages of each search are the
+retrieved texts, or, with ``rewards.passage_source: response``, the released scorer's parse of the
+response text (:func:`stepsearch.rewards.information.passages_from_response`; then one step per
+search followed by an observation block, and repeats recognised by text).
 
 Placement (``place_rewards``): a [B, L] tensor, zero except ``step_reward_scale · s_t`` at step t's
 ``SearchStep.end_index`` (its ``</search>`` token) and R (or −1) at ``Trajectory.last_token_index``.
@@ -25,7 +28,9 @@ from stepsearch.rewards.information import (
     EmbeddingTable,
     EmbedFn,
     information_gains,
+    passages_from_response,
     redundancy_penalties,
+    repeat_fractions,
     tfidf_similarity,
 )
 from stepsearch.rewards.outcome import global_score, search_key_reward
@@ -61,6 +66,13 @@ def compute_step_scores(
     ]
 
 
+def step_passage_texts(record: TrajectoryRecord, config: RewardConfig) -> list[list[str]]:
+    """The passage texts of each search step, from ``config.passage_source`` (module docstring)."""
+    if config.passage_source == "response":
+        return passages_from_response(record.response_text)
+    return [list(step.passage_texts) for step in record.steps]
+
+
 def score_trajectory(
     record: TrajectoryRecord,
     example: Example,
@@ -84,14 +96,18 @@ def score_trajectory(
         format_penalty=config.format_penalty,
     )
 
-    redundancies = redundancy_penalties(record.steps)
+    step_texts = step_passage_texts(record, config)
+    if config.passage_source == "response":
+        redundancies = repeat_fractions(step_texts)  # by text, as released
+    else:
+        redundancies = redundancy_penalties(record.steps)
     golds = [g.text for g in example.golden_passages]
     info_gains: list[float] = []
     if golds:
-        docs = [t for step in record.steps for t in step.passage_texts]
-        step_of_doc = [i for i, step in enumerate(record.steps) for _ in step.passage_texts]
+        docs = [t for texts in step_texts for t in texts]
+        step_of_doc = [i for i, texts in enumerate(step_texts) for _ in texts]
         sims = similarity(docs, golds)
-        info_gains = information_gains(sims, step_of_doc, len(record.steps)).tolist()
+        info_gains = information_gains(sims, step_of_doc, len(step_texts)).tolist()
 
     step_scores: list[float] = []
     if format_ok and config.step_rewards and golds:
@@ -123,7 +139,7 @@ def score_trajectories(
     if config.similarity == "dense":
         if embed is None:
             raise ValueError("RewardConfig.similarity='dense' needs an embed(texts) -> ndarray callable")
-        texts = [t for r in records for s in r.steps for t in s.passage_texts]
+        texts = [t for r in records for step in step_passage_texts(r, config) for t in step]
         texts += [g.text for e in examples for g in e.golden_passages]
         similarity = EmbeddingTable(texts, embed).similarity  # one embed call for the whole batch
     return [score_trajectory(r, e, config, similarity) for r, e in zip(records, examples)]
