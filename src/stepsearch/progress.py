@@ -141,7 +141,8 @@ class Progress:
         self.fields.update(fields)
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, total=self.total, fields=self._fields_text())
-        elif not self.terminal and self._clock() - self._last_line >= self.every:
+        elif not self.terminal and self._clock() - self._last_line >= self.every \
+                and not (self.total and self.done >= self.total):  # the last line is close()'s
             self._print()
 
     def line(self, finished: bool = False) -> str:
@@ -208,11 +209,11 @@ class PlainTasks:
         self.every, self.stream, self.clock = every, stream, clock
         self.tasks: dict[int, Progress] = {}
 
-    def add_task(self, description: str, total=None, **_) -> int:
+    def add_task(self, description: str, total=None, unit: str = "item", **_) -> int:
         task_id = len(self.tasks)
         total = int(total) if total else None
-        self.tasks[task_id] = Progress(description, total, every=self.every, terminal=False, stream=self.stream,
-                                       clock=self.clock)
+        self.tasks[task_id] = Progress(description, total, unit=unit, every=self.every, terminal=False,
+                                       stream=self.stream, clock=self.clock)
         return task_id
 
     def advance(self, task_id: int, advance: float = 1) -> None:

@@ -79,6 +79,12 @@ class StepSearchCLI(LightningCLI):
                             help="predict: the JSONL of per-question predictions (default "
                                  "{trainer.default_root_dir}/predictions.jsonl)")
 
+    def parse_arguments(self, parser, args) -> None:
+        """A parse error is one line with a "did you mean", not the usage (commands.argument_errors)."""
+        from stepsearch.commands.argument_errors import parse_lightning_arguments
+
+        parse_lightning_arguments(super().parse_arguments, parser, getattr(self, "_subcommand_parsers", {}).values(), args)
+
     def subcommand_config(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
@@ -93,6 +99,9 @@ class StepSearchCLI(LightningCLI):
         self.session.seed = seed
 
     def before_fit(self) -> None:
+        from stepsearch.training.progress_bar import use_iteration_progress
+
+        use_iteration_progress(self.trainer)  # "PPO iteration k/N" (plain lines in a log), not "Epoch 0/-2"
         self.session.prepare_fit(self)
 
     def after_fit(self) -> None:

@@ -84,9 +84,12 @@ def _remove_artefacts(index_dir: Path) -> None:
 
 
 def _progress(show: bool):
+    """A rich bar on a terminal; plain lines (stepsearch.progress) when stdout is not one."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(
+    from stepsearch.progress import task_progress
+
+    return task_progress(lambda: Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
@@ -94,7 +97,7 @@ def _progress(show: bool):
         TimeRemainingColumn(),
         disable=not show,
         transient=False,
-    )
+    ), show)
 
 
 def build_index(
@@ -141,7 +144,7 @@ def build_index(
     started = time.perf_counter()
     try:
         with _progress(show_progress) as progress:
-            read_task = progress.add_task(f"reading {corpus.name}", total=corpus.stat().st_size)
+            read_task = progress.add_task(f"reading {corpus.name}", total=corpus.stat().st_size, unit="byte")
             passages = iter_corpus(
                 corpus, strict=strict, skipped=skipped, progress=lambda n: progress.advance(read_task, n)
             )

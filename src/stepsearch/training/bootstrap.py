@@ -88,10 +88,12 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
             tiny_settings = tiny_fingerprint_settings(t)
             if not check_fingerprint(t.out_dir, tiny_settings, "tiny model", "model.bootstrap.tiny.out_dir"):
                 from stepsearch.models.tiny import make_tiny_model
+                from stepsearch.progress import step
 
-                make_tiny_model(t.out_dir, list(t.corpus_files), vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                                num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                                intermediate_size=t.intermediate_size, seed=t.seed)
+                with step(f"tiny model: training its tokenizer and writing {t.out_dir}"):
+                    make_tiny_model(t.out_dir, list(t.corpus_files), vocab_size=t.vocab_size,
+                                    hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                                    num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size, seed=t.seed)
                 write_fingerprint(t.out_dir, tiny_settings, "tiny model")
         warm = settings.warm_start
         policy = Path(policy_path)

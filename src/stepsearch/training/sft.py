@@ -152,8 +152,9 @@ def _hit_all_golden(example, record, demo: Demonstration = Demonstration()) -> b
 
 
 def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, key_index: int = 0,
-                                require_golden_hits: bool = True, batch_size: int = 32, demos=None):
-    """Run the engine with a scripted policy; returns (trajectories, kept, dropped)."""
+                                require_golden_hits: bool = True, batch_size: int = 32, demos=None, progress=None):
+    """Run the engine with a scripted policy; returns (trajectories, kept, dropped). ``progress(n)``
+    is called with the number of demonstrations after each batch."""
     from stepsearch.rollout.hf_engine import HFRolloutEngine
     from stepsearch.rollout.scripted import ScriptedPolicy
 
@@ -172,6 +173,8 @@ def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, 
         dropped += len(chunk) - len(keep)
         if keep:
             batches.append(_select(trajectory, keep))
+        if progress is not None:
+            progress(len(chunk))
     return batches, kept, dropped
 
 
@@ -241,10 +244,10 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
                    settings: WarmStartSettings) -> dict:
     """Collect golden trajectories, train, save to ``out_dir``. Returns a summary dict."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn
 
     from stepsearch.errors import StepSearchError
     from stepsearch.models.loading import load_policy
+    from stepsearch.progress import Progress
 
     model, tokenizer = load_policy(base)
     if settings.hops:
@@ -254,7 +257,7 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
         examples = examples[: settings.max_examples]
     if not examples:
         raise StepSearchError("warm-start: no examples with sub-questions (and the requested hop counts) in its data")
-    console = Console()
+    console = Console(soft_wrap=True)  # a log file gets whole lines
     plans = plan_demonstrations(examples, settings.guess_fraction, settings.seed)
     fitting = [(ex, demo) for ex, demo in plans if _fits_rollout(ex, tokenizer, rollout_config, settings.key_index, demo)]
     if not fitting:
@@ -269,16 +272,19 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
     guesses = sum(demo.searches is not None for demo in plans)
     console.print(f"warm-start: collecting {len(examples)} demonstrations"
                   + (f" ({guesses} of them guesses without searching)" if guesses else ""))
-    trajectories, kept, dropped = collect_golden_trajectories(
-        examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits, demos=plans)
+    with Progress("warm-start: collecting", len(examples), unit="demonstration") as bar:
+        trajectories, kept, dropped = collect_golden_trajectories(
+            examples, tokenizer, retriever, rollout_config, settings.key_index, settings.require_golden_hits,
+            demos=plans, progress=bar.advance)
     if kept == 0:
         raise StepSearchError("warm-start: retrieval missed a golden passage in every golden trajectory; "
                               "check the index was built from the same corpus as the data")
-    steps = settings.epochs * -(-kept // settings.batch_size)
-    with Progress(TextColumn("warm-start"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-                  console=console, transient=False) as bar:
-        task = bar.add_task("sft", total=steps, loss=float("nan"))
-        losses = train_sft(model, trajectories, settings, progress=lambda loss: bar.update(task, advance=1, loss=loss))
+    per_epoch = -(-kept // settings.batch_size)
+    with Progress("warm-start: training", settings.epochs * per_epoch, unit="step") as bar:
+        def report(loss: float) -> None:
+            bar.advance(1, epoch=f"{bar.done // per_epoch + 1}/{settings.epochs}", loss=loss)
+
+        losses = train_sft(model, trajectories, settings, progress=report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
