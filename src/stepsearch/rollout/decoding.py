@@ -5,7 +5,9 @@ the new tokens (the environment's text) instead of re-reading the whole context,
 token per step with its own sampling (temperature + top-p from each row's own seeded stream,
 :mod:`stepsearch.rollout.seeding`, or greedy). A row stops at an EOS id, at a stop tag (``</search>``, ``</answer>``) or at its token
 limit. Stop tags are detected by id when the tokenizer has them as single tokens, else by decoding
-the row's last few tokens when the new token contains ``>``. Finished rows are dropped from the
+the row's last few tokens when the new token contains ``>`` (so a tag is found whatever its ``>``
+merges with: Qwen2.5 writes ``</search>\n\n`` as ``</`` ``search`` ``>\n\n``). Embedding rows past
+the tokenizer's length (padding rows) are never sampled. Finished rows are dropped from the
 cache (``Cache.batch_select_indices``). Works with any module that has the Hugging Face causal-LM
 forward signature (``input_ids, attention_mask, position_ids, cache | past_key_values, use_cache,
 logits_to_keep``) and returns ``logits`` and the cache.
@@ -183,8 +185,12 @@ class DecodeSession:
 
     def __init__(self, forward: ForwardAdapter, stop_rule: StopRule, *, pad_id: int, device,
                  greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
-                 streams=None, logprobs: bool = False):
+                 streams=None, logprobs: bool = False, valid_tokens: int | None = None):
         self.forward, self.stop_rule, self.pad_id, self.device = forward, stop_rule, pad_id, device
+        # Ids >= valid_tokens (the tokenizer's length) are embedding rows no token maps to, e.g. the
+        # 271 rows Qwen2.5 pads its vocabulary with: never sampled (their logits are set to -inf, so
+        # log-probs are over the tokenizer's ids, as vLLM's with its padding-row mask).
+        self.valid_tokens = valid_tokens
         # Per-token log-probs cost a full-vocabulary float log-softmax per step: only when asked
         # (``RolloutConfig.return_logprobs``, for truncated IS); otherwise ``TurnOutput.logprobs`` is None.
         self.logprobs = logprobs
@@ -226,6 +232,8 @@ class DecodeSession:
         logprob_temperature = 1.0 if self.greedy else self.temperature
         while True:
             step_logits = logits.index_select(0, torch.tensor(running, device=logits.device))
+            if self.valid_tokens is not None and self.valid_tokens < step_logits.shape[-1]:
+                step_logits[:, self.valid_tokens:] = float("-inf")
             uniform = None
             if self.streams is not None:  # each running slot draws from its own row's stream
                 row_keys = torch.tensor([self.keys[slot] for slot in running], dtype=torch.long)

@@ -46,7 +46,7 @@ class HFRolloutEngine(TurnLoopEngine):
         streams = None if greedy else RowStreams(self.row_seeds, device)
         self._session = DecodeSession(self._forward, self._stop, pad_id=self.pad_id, device=device, greedy=greedy,
                                       temperature=cfg.temperature, top_p=cfg.top_p, streams=streams,
-                                      logprobs=cfg.return_logprobs)
+                                      logprobs=cfg.return_logprobs, valid_tokens=len(self.tokenizer))
 
     def _end(self):
         self._session = None  # frees the KV cache
