@@ -34,16 +34,22 @@ class IterationRichBar(RichProgressBar):
     def total_train_batches(self):
         return iteration_total(self.trainer) or super().total_train_batches
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        return f"{TRAIN_LABEL:{max(len(TRAIN_LABEL), len(self.validation_description))}}"
-
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        self._update(self.train_progress_bar_id, trainer.global_step)
+        self.show_iterations(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._update(self.train_progress_bar_id, trainer.global_step)
+        self.show_iterations(trainer)
+
+    def show_iterations(self, trainer) -> None:
+        """The training task as ``PPO iteration`` with the iterations done (public API: ``progress``,
+        ``train_progress_bar_id``, ``theme``), over Lightning's ``Epoch e/…`` and batch count."""
+        if self.progress is None or not self.is_enabled or self.train_progress_bar_id is None:
+            return
+        label = f"{TRAIN_LABEL:{max(len(TRAIN_LABEL), len(self.validation_description))}}"
+        description = f"[{self.theme.description}]{label}" if self.theme.description else label
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, description=description)
         self.refresh()
 
 
