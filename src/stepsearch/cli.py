@@ -57,7 +57,9 @@ def _add_command(subparsers, name: str, spec) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from stepsearch.commands.argument_errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(
         prog="python -m stepsearch",
         description="StepSearch: train LLM search agents with step-wise PPO. "
         "Training: fit | validate | test | predict (LightningCLI; `fit --help` lists every flag).",
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+            from stepsearch.commands.argument_errors import check_config_files, stepsearch_cause
+
+            check_config_files(argv[1:])  # a typo in the path fails before torch/Lightning are imported
             from stepsearch.commands.fit import run_lightning
 
             try:
@@ -81,13 +86,15 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as err:
                 # jsonargparse instantiates the config's dataclasses while parsing and wraps a
                 # validation error of ours in its own ValueErrors: report ours, in one line.
-                cause = _stepsearch_cause(err)
+                cause = stepsearch_cause(err)
                 if cause is None:
                     raise
                 raise cause from None
             return
+        from stepsearch.commands.argument_errors import parse_args_one_line
+
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parse_args_one_line(parser, argv)
         if getattr(args, "_run", None) is None:
             parser.print_help()
             raise SystemExit(0 if not argv else 2)
@@ -99,21 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _print_error("interrupted")
         raise SystemExit(130) from None
-
-
-def _stepsearch_cause(err: BaseException) -> StepSearchError | None:
-    """The first StepSearchError in ``err``'s cause/context chain, if any."""
-    seen: set[int] = set()
-    stack = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, StepSearchError):
-            return current
-        stack += [current.__cause__, current.__context__]
-    return None
 
 
 def _print_error(message: str) -> None:

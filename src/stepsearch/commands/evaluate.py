@@ -306,6 +306,10 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--suite", help="suite YAML (benchmarks, models, methods, index, sample, seed, ...)")
     parser.add_argument("--benchmark", action="append", metavar="[NAME=]FILE", help="a benchmark file (repeatable)")
+    from stepsearch.data.sources import FORMATS
+
+    parser.add_argument("--format", choices=FORMATS, help="layout of the benchmark files whose layout is not "
+                        "detected (every benchmark without a format: key in the suite); default: detected")
     parser.add_argument("--model", action="append", metavar="[NAME=]PATH", help="a policy directory or hub id (repeatable)")
     parser.add_argument("--method", nargs="+", choices=["agent", "rag", "direct"], help="methods (default: agent)")
     parser.add_argument("--index", help="retrieval index directory (BM25 or dense)")
@@ -330,6 +334,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size, "output_dir": args.output_dir, "experiment": args.experiment,
         "log_to_policy_run": args.log_to_policy_run, "dtype": args.dtype, "rollout": rollout,
     })
+    if args.format:
+        suite.benchmarks = {name: {"format": args.format, **(spec if isinstance(spec, dict) else {"path": spec})}
+                            for name, spec in suite.benchmarks.items()}
     run_suite(suite)
     return 0
 
@@ -353,6 +360,8 @@ def run_ask(args: argparse.Namespace) -> int:
     from stepsearch.models.loading import load_policy
     from stepsearch.rewards import RewardConfig
 
+    if not args.index and not args.url:
+        raise StepSearchError("ask needs --index DIR (a BM25 or dense index) or --url http://host:port (a retrieval service)")
     suite = Suite(index=args.index, url=args.url)
     retriever, _ = build_suite_retriever(suite)
     overrides = {k: v for k, v in {"template": args.template, "max_turns": args.max_turns}.items() if v is not None}
