@@ -49,15 +49,20 @@ class SaveConfigCallback(MLflowSaveConfigCallback):
     (MLflow refuses changed params; the first process logged them)."""
 
     resume_number: int = 0
+    pending: str | None = None
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if not self.resume_number:
             return super().save_config(trainer, pl_module, stage)
+        self.pending = self.parser.dump(self.config, skip_none=False)  # logged once the checkpoint has loaded
+
+    def on_fit_start(self, trainer, pl_module) -> None:
         from stepsearch.records.runs import mlflow_run
 
         client, run_id = mlflow_run(trainer.logger)
-        if client is not None:
-            client.log_text(run_id, self.parser.dump(self.config, skip_none=False), f"config_resume{self.resume_number}.yaml")
+        if client is not None and self.pending is not None:
+            client.log_text(run_id, self.pending, f"config_resume{self.resume_number}.yaml")
+        self.pending = None
 
 
 class StepSearchCLI(LightningCLI):
@@ -96,6 +101,9 @@ class StepSearchCLI(LightningCLI):
 
             seed_everything(seed, workers=True)
         check_counts(config, self.subcommand)
+        from stepsearch.records.store import check_logger_stores
+
+        check_logger_stores(config)
         self.session.seed = seed
 
     def before_fit(self) -> None:
@@ -110,6 +118,9 @@ class StepSearchCLI(LightningCLI):
     def before_predict(self) -> None:
         config = self.subcommand_config()
         path = config.get("predictions_file") or Path(config.get("trainer.default_root_dir") or ".") / "predictions.jsonl"
+        from stepsearch.records.store import check_writable
+
+        check_writable(path, "--predictions_file", kind="file")  # before the model loads, not after
         self.trainer.callbacks.append(PredictionsWriter(Path(path)))
 
 
@@ -191,10 +202,15 @@ class RunSession:
         self.preemption = None
         self.exit_code = 0
         self.trainer = None
+        self.lock = None  # records.lock.RunLock of the run directory (launch rank 0)
 
     def prepare_fit(self, cli: StepSearchCLI) -> None:
         self.trainer = cli.trainer
         prepare_fit(self, cli)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def finish(self, trainer) -> int:
         return self.preemption.after_fit(trainer) if self.preemption is not None else 0
@@ -264,6 +280,7 @@ def run_lightning(argv: list[str]) -> StepSearchCLI | None:
     finally:  # the handlers fit installed go with it (matters when called in-process)
         for name, handler in handlers.items():
             signal.signal(getattr(signal, name), handler)
+        session.close()
     if session.exit_code:
         raise SystemExit(session.exit_code)
     return cli
@@ -278,28 +295,18 @@ class StepSearchInterrupted(StepSearchError):
 # ------------------------------------------------------------------------------------- fit preparation
 
 def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
-    """Before ``trainer.fit``: the run directory, the resume (checkpoint, MLflow run, config check),
-    checkpoint names, the run record and the signal handlers."""
-    from stepsearch.records import runs
+    """Before ``trainer.fit``: the config checks that need the built objects (before the logger can
+    create a run), the run directory, its lock and the resume (``stepsearch.records.session``),
+    checkpoint names and retention, the MLflow run, the run record and the signal handlers."""
+    from stepsearch.records import checkpoints, runs, session as opening
+    from stepsearch.training.sharding import check_strategy_and_sizes
 
     config, init, trainer = cli.subcommand_config(), cli.config_init[cli.subcommand], cli.trainer
+    cli.model.trainer = trainer  # public setter; fit sets the same trainer
+    check_strategy_and_sizes(cli.model, "fit")  # a refused config leaves no MLflow run and no run directory
     flat = runs.flat_config(config)
-    ckpt_path = init.get("ckpt_path")
-    run_dir = _run_dir(config, session.seed, ckpt_path)
+    run_dir, resume, session.lock = opening.open_run(config, init, trainer, session.seed, flat)
     record = runs.read_record(run_dir)
-    if ckpt_path == "auto":  # resume if the run has a checkpoint, else start (SLURM scripts)
-        ckpt_path = "last" if runs.find_last_checkpoint(run_dir) is not None else None
-        init["ckpt_path"] = ckpt_path
-    resume = None
-    if ckpt_path is not None:
-        resume = _resume(run_dir, record, str(ckpt_path), flat, bool(config.get("allow_config_change")))
-        init["ckpt_path"] = str(resume["checkpoint"])
-    else:
-        last = runs.find_last_checkpoint(run_dir)
-        if last is not None:
-            raise StepSearchError(
-                f"{run_dir} already holds this run (checkpoints up to PPO iteration {runs.checkpoint_iteration(last)}): "
-                "resume it with --ckpt_path last, start another with --seed S or --run_dir DIR, or delete the directory")
     session.run_dir = run_dir
     checkpoint_dir = run_dir / runs.CHECKPOINT_DIR
     for callback in trainer.checkpoint_callbacks:
@@ -307,6 +314,7 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
             callback.dirpath = str(checkpoint_dir.resolve())
         if callback.filename is None:  # the PPO iteration in the name, e.g. iter-000006.ckpt
             callback.filename, callback.auto_insert_metric_name = runs.CHECKPOINT_NAME, False
+    checkpoints.configure_checkpointing(trainer, init.get("trainer.callbacks"))
     if resume is not None and record and (record.get("mlflow") or {}).get("run_id"):
         from stepsearch.records.mlflow_resume import attach_recorded_run
 
@@ -322,76 +330,5 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
     environment = lightning_adapter.cluster_environment(trainer)
     requeue = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
     session.preemption = runs.PreemptionCallback(checkpoint_dir, requeue=requeue)
-    trainer.callbacks[:0] = [session.preemption, RunRecorder(run_dir, flat, resume)]
+    trainer.callbacks[:0] = [session.preemption, opening.RunRecorder(run_dir, flat, resume, session.preemption)]
     session.preemption.install()
-
-
-def _run_dir(config, seed: int, ckpt_path) -> Path:
-    from stepsearch.records import runs
-
-    if config.get("run_dir"):
-        return Path(config["run_dir"])
-    if ckpt_path not in (None, "last", "auto"):  # a checkpoint inside a run directory resumes that run
-        owner = Path(str(ckpt_path)).resolve().parent.parent
-        if (owner / runs.RUN_RECORD).exists():
-            return owner
-    root = Path(config.get("trainer.default_root_dir") or ".")
-    algorithm = config.get("model.ppo.algorithm") if "model.ppo.algorithm" in config else "steppo"
-    return root / runs.run_name(config.get("config"), algorithm or "steppo", seed)
-
-
-def _resume(run_dir: Path, record: dict | None, ckpt_path: str, flat: dict, allow_change: bool) -> dict:
-    """Which checkpoint to resume, and the config changes (refused unless allowed)."""
-    from stepsearch.records import runs
-
-    if ckpt_path == "last":
-        checkpoint = runs.find_last_checkpoint(run_dir)
-        if checkpoint is None:
-            raise StepSearchError(f"--ckpt_path last: no checkpoint in {run_dir / runs.CHECKPOINT_DIR} (this config and "
-                                  "seed have no run to resume); start without --ckpt_path, or pass --run_dir")
-    else:
-        checkpoint = Path(ckpt_path)
-        if not checkpoint.exists():  # a file, or a folder (FSDP2's distributed checkpoints)
-            raise StepSearchError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
-    changes = runs.config_changes(record["config"], flat) if record else []
-    if changes and not allow_change:
-        raise StepSearchError(f"resume of {run_dir} with a changed config ({'; '.join(changes)}): "
-                              "pass --allow_config_change true if intended (it is recorded), or restore the settings")
-    return {"checkpoint": checkpoint.resolve(), "iteration": runs.checkpoint_iteration(checkpoint), "changes": changes}
-
-
-class RunRecorder(Callback):
-    """At setup (rank 0): write ``run.json`` for a new run, or add the resume to it and set the
-    MLflow run back to RUNNING with tags ``resume_count``, ``resumed_from`` and the config changes."""
-
-    def __init__(self, run_dir: Path, flat: dict, resume: dict | None):
-        self.run_dir, self.flat, self.resume = Path(run_dir), flat, resume
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        import datetime
-
-        from stepsearch.records import runs
-
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        client, run_id = runs.mlflow_run(trainer.logger)
-        # A resume from a checkpoint of no recorded run (copied from elsewhere) starts the record here.
-        record = runs.read_record(self.run_dir) if self.resume is not None else None
-        if record is None:
-            mlflow = None
-            if client is not None:
-                mlflow = {"run_id": run_id, "tracking_uri": lightning_adapter.mlflow_tracking_uri(trainer.logger),
-                          "experiment_id": client.get_run(run_id).info.experiment_id}
-                client.set_tag(run_id, "run_dir", str(self.run_dir.resolve()))
-            record = {"created": now, "mlflow": mlflow, "config": self.flat, "resumes": []}
-        if self.resume is not None:
-            resumes = record["resumes"]
-            resumes.append({"time": now, "checkpoint": str(self.resume["checkpoint"]),
-                            "iteration": self.resume["iteration"], "config_changes": self.resume["changes"]})
-            record["config"] = self.flat  # the next resume compares with the settings now in force
-            tags = {"resume_count": len(resumes), "resumed_from": self.resume["checkpoint"]}
-            if self.resume["changes"]:
-                tags[f"config_changes_resume{len(resumes)}"] = "; ".join(self.resume["changes"])
-            runs.mark_run(trainer.logger, "RUNNING", tags)
-        runs.write_record(self.run_dir, record)

@@ -5,7 +5,9 @@ MLflow id, so that a new process finds it again::
 
     {trainer.default_root_dir}/{config stem(s)}-{algorithm}-seed{S}/
         run.json                  the record: MLflow run id and store, the flattened config, resumes
-        checkpoints/iter-000006.ckpt   one file per saved PPO iteration (never overwritten)
+        run.lock                  while a fit writes here: its PID and host (stepsearch.records.lock)
+        checkpoints/iter-000006.ckpt   one file per saved PPO iteration, written atomically, never
+                                  overwritten, all kept by default (stepsearch.records.checkpoints)
 
 ``fit --ckpt_path last`` resumes the highest iteration found there into the *same* MLflow run. A
 resume whose config differs from the record is refused, naming the changed fields, unless
@@ -52,8 +54,11 @@ FINGERPRINT_FILE = "stepsearch_fingerprint.json"
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 # Settings that may differ between a run and its resume without changing what is trained.
+# Where the run's records live is not what is trained: a run folder moved with its new root
+# (``--trainer.default_root_dir``) resumes without ``--allow_config_change``. Input paths still count.
 RESUME_INVARIANT_KEYS = ("ckpt_path", "config", "allow_config_change", "run_dir", "trainer.enable_progress_bar",
-                         "trainer.logger.init_args.run_id", "trainer.enable_model_summary", "weights_only")
+                         "trainer.logger.init_args.run_id", "trainer.enable_model_summary", "weights_only",
+                         "trainer.default_root_dir", "predictions_file")
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -275,6 +280,7 @@ class PreemptionCallback(Callback):
         self.stopped: str | None = None
         self.checkpoint: Path | None = None
         self.interrupted = False
+        self.owns_run = True  # off while a resume's checkpoint has not loaded (records.session.RunRecorder)
         self._trainer = None
 
     def install(self) -> None:
@@ -342,13 +348,13 @@ class PreemptionCallback(Callback):
         if isinstance(exception, KeyboardInterrupt):
             self.interrupted = True
             return
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.owns_run:
             mark_run(trainer.logger, "FAILED", {"error": error_line(exception)})
 
     def after_fit(self, trainer) -> int:
         """Mark the MLflow run, requeue under SLURM, print one line. Returns the exit code (0: done)."""
         if self.interrupted:
-            if trainer.is_global_zero:
+            if trainer.is_global_zero and self.owns_run:
                 mark_run(trainer.logger, "KILLED", {"stop_reason": "KeyboardInterrupt"})
             return 130
         if self.stopped is None:
