@@ -8,6 +8,8 @@ between releases: this engine needs the in-place ``reload_weights`` worker metho
   strings kept in the output, special tokens not skipped, so added tag tokens match too) or at an
   EOS id of the tokenizer/generation config (``stop_token_ids``). The returned ids go into the
   trajectory as they are, so masks are built exactly as the Hugging Face engine builds them.
+- **Padding rows** (ids past the tokenizer, e.g. Qwen2.5's 271) are never sampled: an engine-wide
+  logits processor sets them to -inf (:mod:`stepsearch.rollout.vllm_vocabulary`).
 - **Log-probs**: ``logprobs_mode="processed_logprobs"`` gives each sampled token's log-prob after
   temperature, which with ``top_p = 1`` is the trainer's ``log softmax(logits / T)``
   (``Trajectory.rollout_logprobs``; greedy requests get the raw-logit log-probs).
@@ -116,6 +118,8 @@ def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: 
     from transformers import AutoConfig
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors handed over as is
+    from stepsearch.rollout.vllm_vocabulary import PaddingRowsMask
+
     check_head_size(AutoConfig.from_pretrained(model_path), model_path)
     on_cpu = _on_cpu()
     eager = on_cpu if config.vllm.enforce_eager is None else config.vllm.enforce_eager
@@ -129,7 +133,7 @@ def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: 
     try:
         return vllm.LLM(model=str(model_path), tokenizer=str(model_path), dtype=str(dtype).removeprefix("torch."),
                         seed=seed, max_model_len=config.max_context_tokens, enable_prefix_caching=True,
-                        logprobs_mode="processed_logprobs", enforce_eager=eager,
+                        logprobs_mode="processed_logprobs", enforce_eager=eager, logits_processors=[PaddingRowsMask],
                         **scheduling, **memory_arguments(config, on_cpu))
     except ValueError as error:  # vLLM's own memory checks (e.g. the share minus what it measured)
         if "memory" in str(error).lower():
