@@ -215,3 +215,33 @@ def synthetic_trajectory(rows: int, length: int, vocab: int, seed: int = 0):
                             records=[TrajectoryRecord(prompt_text="", response_text="", answer=None) for _ in range(rows)])
     placed = torch.cat([torch.zeros(rows, 1), batch.token_scores], 1)
     return trajectory, placed
+
+
+# ------------------------------------------------------------------ float32 rounding bounds (CPU-independent)
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def float32_update_bound(config, tokens: int, steps: int) -> float:
+    """A worst-case bound on the relative rounding error of a float32 PPO update, from float32's
+    epsilon and the number of accumulated operations, so it holds whatever summation order a CPU's
+    BLAS kernels pick (issue 20: a tolerance tuned on one CPU failed on another).
+
+    Each gradient element is a chain of float32 reductions: over the vocabulary (log-softmax and the
+    LM head), over the widths of every layer (attention projections 4·hidden, the MLP's intermediate
+    width) and over the ``tokens`` of a minibatch (weight gradients). A sum of n terms carries at
+    most about n·eps relative error (Higham's γ_n), so one step's update is off by at most
+    eps·n_ops relative, and ``steps`` optimizer steps add up."""
+    n_ops = (config.vocab_size + tokens
+             + config.num_hidden_layers * (4 * config.hidden_size + config.intermediate_size))
+    return EPS32 * n_ops * steps
+
+
+def relative_update_difference(got, want, start) -> float:
+    """‖got − want‖ / ‖want − start‖ over flattened parameter lists: a difference measured against
+    the update, not against the parameters (which would hide it behind their size)."""
+    def flat(params):
+        return torch.cat([p.detach().flatten().double() for p in params])
+
+    got, want, start = flat(got), flat(want), flat(start)
+    return float((got - want).norm() / (want - start).norm())

@@ -4,7 +4,7 @@
   placed − β·KL, discounted returns over policy tokens with γ = 0.9, whitened over the batch, two PPO
   epochs over two minibatches of the clipped loss) on a tiny random Qwen2 and a synthetic rollout,
   against the same iteration written here from the definition with full float64 logits (parameter
-  deltas within 1e-5, plain SGD); the critic is neither scored nor updated;
+  deltas within float32's rounding bound, plain SGD); the critic is neither scored nor updated;
 - the update does not depend on ``micro_batch_size``;
 - the estimator alone: with two "ranks", whitening uses the global batch's statistics.
 """
@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from training_fixtures import _one_thread, plain_collectives, synthetic_batch, tiny_model_dir  # noqa: F401
+from training_fixtures import (_one_thread, float32_update_bound, plain_collectives,  # noqa: F401
+                               relative_update_difference, synthetic_batch, tiny_model_dir)
 
 from stepsearch.models.policy import ActorCritic, PolicySettings
 from stepsearch.ppo.algorithms import resolve_algorithm
@@ -110,11 +111,13 @@ def test_golden_step_matches_float64_reference(tiny):
     ac.values = lambda *a, **k: calls.append(1) or original_values(*a, **k)
     optimizers = [torch.optim.SGD(ac.actor_parameters(), lr=lr), torch.optim.SGD(ac.critic_parameters(), lr=lr)]
     stats = _run(ac, batch, cfg, optimizers)
-    biggest = 0.0
+    biggest = max(float((e.detach() - b.double()).abs().max()) for b, e in zip(before, expected))
+    # float32 against float64: within the float32 rounding bound (eps x the reductions of 4 rows x 24
+    # tokens and of the model's widths, x 2 epochs x 2 minibatches) times the size of the update.
+    atol = float32_update_bound(ac.policy.config, tokens=cfg.mini_batch_size * 24, steps=cfg.ppo_epochs * 2) * biggest
     for b, a, e in zip(before, ac.actor_parameters(), expected):
         delta, expected_delta = (a.detach() - b).double(), e.detach() - b.double()
-        biggest = max(biggest, float(expected_delta.abs().max()))
-        torch.testing.assert_close(delta, expected_delta, rtol=0, atol=1e-5)
+        torch.testing.assert_close(delta, expected_delta, rtol=0, atol=atol)
     assert biggest > 1e-3  # the update is large enough for the tolerance to mean something
     assert stats["clip_frac"] > 0  # the second epoch runs off-policy: clipping was exercised
     assert calls == [] and all(torch.equal(b, p) for b, p in zip(critic_before, ac.critic_parameters()))
@@ -125,12 +128,16 @@ def test_micro_batch_size_does_not_change_the_update(tiny):
     base = ActorCritic(PolicySettings(name_or_path=str(tiny), logprob_chunk_tokens=5), seed=3)
     batch = synthetic_batch(16, 20, base.policy.config.vocab_size, seed=2)
     results = []
-    for micro in (1, 16):
+    for micro in (1, 3, 16):  # 3: uneven micro-batches (3, 3, 2)
         ac = copy.deepcopy(base)
         _run(ac, batch, _settings(mini_batch_size=8, micro_batch_size=micro),
              [torch.optim.AdamW(ac.actor_parameters(), lr=1e-3)])
-        results.append(torch.cat([p.detach().flatten().double() for p in ac.actor_parameters()]))
-    assert float((results[0] - results[1]).norm() / results[0].norm()) <= 1e-6
+        results.append([p.detach().clone() for p in ac.actor_parameters()])
+    # Two float32 runs, each within the bound of the exact update, x 2 for Adam's m/sqrt(v): 4x the
+    # bound of 8 rows x 20 tokens over 2 epochs x 2 minibatches, relative to the update.
+    bound = 4 * float32_update_bound(base.policy.config, tokens=8 * 20, steps=2 * 2)
+    for other in results[1:]:
+        assert relative_update_difference(other, results[0], base.actor_parameters()) <= bound
 
 
 def test_whitening_is_over_the_global_batch():
