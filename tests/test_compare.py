@@ -98,3 +98,96 @@ def test_mean_std_and_ui_urls(store):
     urls = dict(runs_urls(uri, "127.0.0.1", 5000))
     assert urls["cmp"].startswith("http://127.0.0.1:5000/#/experiments/")
     assert urls["cmp"].endswith("/runs?workflowType=machine_learning")
+
+
+@pytest.fixture(scope="module")
+def uneven_store(tmp_path_factory):
+    """The issue's case: a finished 50-iteration, 200-question run and a 3-iteration, 32-question
+    run of one algorithm, one finished run of another, and a RUNNING run whose last validation (at
+    iteration 8) would otherwise count as final."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("uneven")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("uneven", artifact_location=str(root / "artifacts"))
+
+    def run(name, algorithm, ems, steps, val_questions, finished=True):
+        run_id = client.create_run(experiment, run_name=name, tags={"algorithm": algorithm}).info.run_id
+        client.log_param(run_id, "data.max_val_examples", str(val_questions))
+        client.log_param(run_id, "data.world.val_size", "200")
+        for step, em in zip(steps, ems):
+            client.log_metric(run_id, "val/em", em, step=step)
+        if finished:
+            client.set_terminated(run_id)
+        return run_id
+
+    ids = {"long": run("steppo-long", "steppo", [0.05, 0.19], (0, 50), 200),
+           "short": run("steppo-short", "steppo", [0.02, 0.03], (0, 3), 32),
+           "ppo": run("ppo-seed0", "ppo", [0.05, 0.190], (0, 50), 200),
+           "running": run("ppo-running", "ppo", [0.05, 0.60], (0, 8), 200, finished=False)}
+    return uri, ids
+
+
+def test_one_run_is_a_bare_value_and_running_runs_are_left_out(uneven_store, tmp_path):
+    uri, ids = uneven_store
+    notes: list[str] = []
+    rows, groups, md = compare(uri, ["uneven"], out_dir=tmp_path, notes=notes)
+    assert sorted(r.info.run_id for r in groups["ppo"]) == [ids["ppo"]]  # not the RUNNING one
+    assert rows[0]["final"]["ppo"] == (pytest.approx(0.19), 0.0, 1)
+    assert "| val/em | 0.190 | 0.110 ± 0.113 |" in md  # n = 1: no "± 0.000"
+    assert "0.190 ±" not in md
+    csv = (tmp_path / "compare.csv").read_text().splitlines()
+    assert "val/em,ppo,1,0.190000,,0.190000," in csv  # no spread from one run
+    assert any(n.startswith("left out 1 run(s) still RUNNING") and "ppo-running" in n for n in notes), notes
+    assert "**Warning:** left out 1 run(s) still RUNNING" in md
+    notes = []
+    rows, groups, _ = compare(uri, ["uneven"], out_dir=tmp_path, include_running=True, notes=notes)
+    assert len(groups["ppo"]) == 2 and rows[0]["final"]["ppo"][0] == pytest.approx((0.19 + 0.60) / 2)
+    assert any("still RUNNING are counted" in n and "ppo-running" in n for n in notes), notes
+    with pytest.raises(StepSearchError, match="every selected run is still RUNNING.*--include-running"):
+        compare(uri, run_ids=[ids["running"]], out_dir=tmp_path)
+
+
+def test_runs_of_different_budgets_are_named(uneven_store, tmp_path):
+    uri, _ = uneven_store
+    notes: list[str] = []
+    compare(uri, ["uneven"], out_dir=tmp_path, notes=notes)
+    assert ("the runs differ in PPO iterations (3: steppo-short; 50: ppo-seed0, steppo-long): "
+            "their final values do not compare") in notes
+    assert ("the runs differ in validation set (200 questions: ppo-seed0, steppo-long; 32 questions: steppo-short): "
+            "their final values do not compare") in notes
+    notes = []
+    compare(uri, ["uneven"], filter_string="tags.algorithm = 'ppo'", out_dir=tmp_path, notes=notes)
+    assert not [n for n in notes if "differ" in n]  # the same budget: no warning
+
+
+def test_compare_and_ui_name_their_store_and_warn_when_new_or_empty(uneven_store, tmp_path, monkeypatch, capsys):
+    from stepsearch.cli import main
+
+    uri, _ = uneven_store
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main(["compare", "--experiment", "uneven", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert done.value.code == 2
+    assert out.err.strip() == (f"error: no MLflow store at {tmp_path / 'mlflow.db'} (sqlite:///mlflow.db): run from the "
+                               "directory you trained in, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the "
+                               "store the runs went to")
+    assert not (tmp_path / "mlflow.db").exists()  # no empty store left behind
+    with pytest.raises(SystemExit) as done:
+        main(["ui", "--print-only"])
+    out = capsys.readouterr()
+    assert done.value.code == 0
+    assert out.out.splitlines()[0] == f"MLflow store: sqlite:///mlflow.db ({tmp_path / 'mlflow.db'})"
+    assert f"warning: {tmp_path / 'mlflow.db'} does not exist: a new, empty store is created there" in out.err
+    with pytest.raises(SystemExit):
+        main(["ui", "--print-only"])  # now it exists, and is empty
+    assert "warning: the store sqlite:///mlflow.db holds no runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["compare", "--experiment", "uneven", "--tracking-uri", uri, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr()
+    assert done.value.code == 0, out.err
+    assert out.out.splitlines()[0] == f"MLflow store: {uri}"
+    assert "warning: left out 1 run(s) still RUNNING" in out.err and "warning: the runs differ in PPO iterations" in out.err

@@ -10,6 +10,13 @@ draws ``compare.png``: validation EM, training reward and training answer F1 aga
 a thin line per run and a thick line for the group mean. Works on any tracking URI
 (``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; ``--tracking-uri`` overrides).
 
+A group of one run shows its bare value (no ``± 0.000``). Runs still ``RUNNING`` are left out (their
+last validation is not final; ``--include-running`` counts them, marked), and a warning names runs
+whose budgets differ (PPO iterations of the final value, validation questions), since their finals
+do not compare. ``compare`` and ``ui`` say which store they read; ``compare`` refuses a local store
+that does not exist (instead of creating an empty one), ``ui`` warns that it is new, and both warn
+when it holds no runs.
+
 ``ui`` starts ``mlflow ui`` on the same store and prints, per experiment, the URL of its runs table in
 the "Model training" view (MLflow 3 opens experiments in its GenAI view, where no run is listed).
 """
@@ -19,9 +26,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from pathlib import Path
 
+from stepsearch.commands.run_selection import budget_notes, group_runs, select_runs, split_running, store_warnings
 from stepsearch.errors import StepSearchError
 
 SCORE_SUFFIXES = ("/em", "/f1", "/answer_f1")
@@ -34,65 +41,6 @@ def tracking_uri(explicit: str | None = None) -> str:
     from stepsearch.records.tracking import default_tracking_uri
 
     return explicit or default_tracking_uri()
-
-
-def select_runs(client, experiments=(), run_ids=(), filter_string: str = "") -> list:
-    """Runs of the named experiments (matching ``filter_string``) plus the given run ids, without repeats."""
-    from mlflow.exceptions import MlflowException
-
-    runs, seen = [], set()
-    if experiments:
-        ids = []
-        for name in experiments:
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-                raise StepSearchError(f"compare: no MLflow experiment named {name!r} in the store (experiments: {known})")
-            ids.append(experiment.experiment_id)
-        try:
-            found = client.search_runs(ids, filter_string or "", max_results=5000)
-        except MlflowException as err:
-            raise StepSearchError(f"compare: bad --filter {filter_string!r}: {str(err).splitlines()[0]}") from None
-        for run in found:
-            if run.info.run_id not in seen:
-                seen.add(run.info.run_id)
-                runs.append(run)
-    elif filter_string:
-        all_ids = [e.experiment_id for e in client.search_experiments()]
-        return select_runs(client, [client.get_experiment(i).name for i in all_ids], run_ids, filter_string)
-    for run_id in run_ids:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            raise StepSearchError(f"compare: run {run_id} does not exist in the store") from None
-        if run.info.run_id not in seen:
-            seen.add(run.info.run_id)
-            runs.append(run)
-    if not runs:
-        raise StepSearchError("compare: no runs selected (check --experiment/--run-id/--filter)")
-    return runs
-
-
-def group_value(run, key: str) -> str | None:
-    """The run's value of a param or tag: ``tag.X``/``tags.X``, ``param.X``/``params.X``, or bare
-    ``X`` (params first, then tags)."""
-    match = re.match(r"(tags?|params?)\.(.+)", key)
-    if match:
-        source = run.data.tags if match.group(1).startswith("tag") else run.data.params
-        return source.get(match.group(2))
-    return run.data.params.get(key, run.data.tags.get(key))
-
-
-def group_runs(runs, key: str) -> dict[str, list]:
-    groups: dict[str, list] = {}
-    for run in runs:
-        value = group_value(run, key)
-        groups.setdefault("(unset)" if value is None else value, []).append(run)
-    if set(groups) == {"(unset)"}:
-        sample = sorted(set(runs[0].data.params) | {f"tag.{t}" for t in runs[0].data.tags if not t.startswith("mlflow.")})
-        raise StepSearchError(f"compare: no selected run has {key!r} (params/tags of the first run include: "
-                              f"{', '.join(sample[:15])})")
-    return groups
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -146,14 +94,17 @@ def summarize(groups: dict[str, list], curves: dict, keys: list[str]) -> list[di
 
 
 def _cell(stat) -> str:
-    return "" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+    if stat is None:
+        return ""
+    return f"{stat[0]:.3f}" if stat[2] == 1 else f"{stat[0]:.3f} ± {stat[1]:.3f}"  # one run has no spread
 
 
-def format_markdown(rows: list[dict], groups: dict[str, list], group_by: str) -> str:
+def format_markdown(rows: list[dict], groups: dict[str, list], group_by: str, notes=()) -> str:
     names = list(groups)
     head = ["metric"] + [f"{n} final" for n in names] + [f"{n} best" for n in names]
     lines = [f"Grouped by `{group_by}`: " + ", ".join(f"{n} (n={len(groups[n])})" for n in names)
-             + ". Mean ± sample std over runs; final = last validation, best = max over validations.", "",
+             + ". Mean ± sample std over runs (a bare value: one run); final = last validation, best = max over "
+             "validations.", *(f"\n**Warning:** {note}." for note in notes), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["metric"]] + [_cell(row["final"][n]) for n in names] + [_cell(row["best"][n]) for n in names]
@@ -168,9 +119,13 @@ def format_csv(rows: list[dict], groups: dict[str, list]) -> str:
             final, best = row["final"][name], row["best"][name]
             if final is None:
                 continue
-            best_cells = f"{best[0]:.6f},{best[1]:.6f}" if best else ","
-            lines.append(f"{row['metric']},{name},{final[2]},{final[0]:.6f},{final[1]:.6f},{best_cells}")
+            best_cells = f"{best[0]:.6f},{_std(best)}" if best else ","
+            lines.append(f"{row['metric']},{name},{final[2]},{final[0]:.6f},{_std(final)},{best_cells}")
     return "\n".join(lines) + "\n"
+
+
+def _std(stat) -> str:
+    return f"{stat[1]:.6f}" if stat[2] > 1 else ""  # one run: no spread, an empty cell
 
 
 def plot_curves(groups: dict[str, list], curves: dict, path: Path, title: str) -> Path:
@@ -210,19 +165,23 @@ def plot_curves(groups: dict[str, list], curves: dict, path: Path, title: str) -
 
 
 def compare(uri: str, experiments=(), run_ids=(), filter_string: str = "", group_by: str = "tag.algorithm",
-            out_dir: str | Path = "runs/compare") -> tuple[list[dict], dict[str, list], str]:
-    """Select, group, summarise; write compare.md/.csv/.png under ``out_dir``. Returns (rows, groups, Markdown)."""
+            out_dir: str | Path = "runs/compare", include_running: bool = False,
+            notes: list[str] | None = None) -> tuple[list[dict], dict[str, list], str]:
+    """Select, group, summarise; write compare.md/.csv/.png under ``out_dir``. Returns (rows, groups,
+    Markdown); warnings (runs left out, budgets that differ) go into ``notes`` and the Markdown."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    runs = select_runs(client, experiments, run_ids, filter_string)
+    notes = [] if notes is None else notes
+    runs = split_running(select_runs(client, experiments, run_ids, filter_string), include_running, notes)
     groups = dict(sorted(group_runs(runs, group_by).items()))
     keys = metric_keys(runs)
     if not keys:
         raise StepSearchError("compare: the selected runs logged no val/ or train/reward metrics")
     curves = histories(client, runs, keys)
+    notes += budget_notes(runs, curves, keys)
     rows = summarize(groups, curves, keys)
-    md = format_markdown(rows, groups, group_by)
+    md = format_markdown(rows, groups, group_by, notes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(md)
@@ -240,6 +199,8 @@ def configure_compare(parser: argparse.ArgumentParser) -> None:
                         help="param or tag to group by: tag.algorithm (default), model.ppo.algorithm, tag.step_rewards ...")
     parser.add_argument("--out", default="runs/compare", help="where compare.md/.csv/.png go")
     parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--include-running", action="store_true",
+                        help="count runs still RUNNING with their latest values (default: leave them out)")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -248,8 +209,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if not (args.experiment or args.run_id or args.filter):
         raise StepSearchError("compare: select runs with --experiment NAME, --run-id ID or --filter EXPR")
-    rows, groups, _ = compare(tracking_uri(args.tracking_uri), args.experiment, args.run_id, args.filter,
-                              args.group_by, args.out)
+    uri = tracking_uri(args.tracking_uri)
+    _print_notes(*store_warnings(uri, missing_is_error=True))
+    notes: list[str] = []
+    rows, groups, _ = compare(uri, args.experiment, args.run_id, args.filter, args.group_by, args.out,
+                              include_running=args.include_running, notes=notes)
+    _print_notes("", notes)
     names = list(groups)
     table = Table(title=f"grouped by {args.group_by}: mean ± std (n runs)",
                   caption="final = last logged value; best = max over the run's validations")
@@ -286,6 +251,7 @@ def run_ui(args: argparse.Namespace) -> int:
     import sys
 
     uri = tracking_uri(args.tracking_uri)
+    _print_notes(*store_warnings(uri, missing_is_error=False))
     for name, url in runs_urls(uri, args.host, args.port):
         print(f"{name}: {url}")
     if args.print_only:
@@ -294,3 +260,12 @@ def run_ui(args: argparse.Namespace) -> int:
     print(f"starting mlflow ui on {uri} (Ctrl-C stops it)")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
     return 0
+
+
+def _print_notes(line: str, warnings: list[str]) -> None:
+    import sys
+
+    if line:
+        print(line, flush=True)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
