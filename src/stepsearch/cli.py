@@ -31,6 +31,7 @@ COMMANDS: dict = {
     },
     "model": {
         "tiny": ("stepsearch.models.tiny", "model_tiny", "Make a tiny Qwen2-architecture model + BPE tokenizer offline."),
+        "convert": ("stepsearch.models.pretrained", "model_convert", "Convert a GGUF file into a float32 Hugging Face model folder (tokenizer, chat template)."),
     },
     "sft": ("stepsearch.training.sft", "sft", "Supervised warm-start on golden search trajectories."),
     "evaluate": ("stepsearch.commands.evaluate", "evaluate", "Benchmark table: EM/F1 of agent/rag/direct per benchmark (Markdown, CSV, MLflow, JSONL)."),
