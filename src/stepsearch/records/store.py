@@ -127,6 +127,8 @@ def _check_sqlite(uri: str, database: Path, write: bool, timeout: float) -> None
             connection.close()
     except sqlite3.Error as err:
         reason = str(err)
+        if "locked" in reason and write:
+            return  # a live database another process is writing to (a concurrent fit): writable
         if "readonly" in reason or "read-only" in reason or "unable to open" in reason:
             reason = f"cannot write {database} ({reason})" if write else f"cannot open {database} ({reason})"
         elif "not a database" in reason:
