@@ -17,6 +17,8 @@ from training_fixtures import (  # noqa: F401  (fixtures)
     PYTHON,
     REPO,
     _one_thread,
+    float32_update_bound,
+    relative_update_difference,
     make_datamodule,
     make_module,
     python_env,
@@ -307,9 +309,14 @@ def test_two_cpu_processes_fit_like_one_with_real_rollouts(training_env, tmp_pat
         want = torch.load(single_dir / f"params_step{step}.pt", weights_only=True)
         got = torch.load(tmp_path / "fit" / f"params_step{step}.pt", weights_only=True)
         assert want.keys() == got.keys()
-        flat_want = torch.cat([want[k].flatten().double() for k in sorted(want)])
-        flat_got = torch.cat([got[k].flatten().double() for k in sorted(got)])
-        assert float((flat_got - flat_want).norm() / flat_want.norm()) <= 1e-6
+        # Two ranks sum their halves' gradients in another order: float32 rounding only, within 2 runs
+        # x 2 (Adam) x the bound of 2 rows of up to max_context_tokens over 2 optimizer steps per
+        # iteration, relative to the update (not a fixed 1e-6 of the parameters: issue 20).
+        names = sorted(want)
+        config = ActorCritic(PolicySettings(name_or_path=str(training_env.sft_dir))).policy.config
+        bound = 4 * float32_update_bound(config, tokens=2 * rollout_config().max_context_tokens, steps=2 * step)
+        assert relative_update_difference([got[k] for k in names], [want[k] for k in names],
+                                          [start[k] for k in names]) <= bound
     moved = [name for name, p in got.items() if not torch.equal(p, start[name].detach())]
     assert any(name.startswith("policy.") for name in moved)
     assert any(name.startswith("critic.") for name in moved)

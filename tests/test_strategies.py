@@ -19,7 +19,8 @@ import textwrap
 
 import pytest
 import torch
-from training_fixtures import PYTHON, REPO, _one_thread, python_env, tiny_model_dir  # noqa: F401
+from training_fixtures import (PYTHON, REPO, _one_thread, float32_update_bound, python_env,  # noqa: F401
+                               relative_update_difference, tiny_model_dir)
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -141,7 +142,18 @@ def test_two_ranks_match_one_rank(runs, strategy):
     two = _run(runs["tmp"], f"two_{strategy}", runs["policy"], strategy=strategy, devices=2,
                max_steps=2 if fsdp else 1, save=fsdp)
     single = _load(runs["single"], 1)["params"]
-    _assert_same(single, _load(two, 1)["params"], rtol=1e-6)
+    from stepsearch.models.policy import ActorCritic, PolicySettings
+
+    start = ActorCritic(PolicySettings(name_or_path=str(runs["policy"])), seed=0)
+    got = _load(two, 1)["params"]
+    # Two ranks sum their halves' gradients in another order than one rank: float32 rounding only,
+    # within 2 runs x 2 (Adam) x the bound of 4 rows x 24 tokens over 2 epochs x 2 minibatches,
+    # relative to the update (issue 20: a fixed 1e-6 of the parameters stood on one CPU's rounding).
+    bound = 4 * float32_update_bound(start.policy.config, tokens=4 * 24, steps=2 * 2)
+    names = sorted(single)
+    start_params = dict(start.named_parameters())
+    assert relative_update_difference([got[k] for k in names], [single[k] for k in names],
+                                      [start_params[k] for k in names]) <= bound
     runs[f"two_{strategy}"] = two
 
 
