@@ -27,10 +27,10 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 
 from stepsearch import lightning_adapter
+from stepsearch.records.policy_card import POLICY_CARD
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REWARD_SWITCHES = ("step_rewards", "information_gain", "redundancy_penalty", "search_key_reward")
-POLICY_CARD = "stepsearch_policy.json"  # beside an exported policy: its template and limits, read by evaluate
 
 
 def default_tracking_uri() -> str:
