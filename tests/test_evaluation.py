@@ -125,26 +125,14 @@ def test_record_score_and_prediction_rows_report_one_answer(galdresse_engine):
     assert acc.compute("eval")["eval/em"] == pytest.approx(em)
 
 
-def test_rag_searches_the_question_once_and_direct_never(training_env):
-    from stepsearch.data.sources import load_examples
-    from stepsearch.evaluation.loop import method_engine, rollout_and_score
-    from stepsearch.models.loading import load_tokenizer
-    from stepsearch.rewards import RewardConfig
-    from stepsearch.rollout.scripted import ScriptedPolicy
+def test_methods_run_on_the_one_engine(galdresse_engine):
+    """agent is the engine itself; direct/rag are baselines on it (tests/test_baselines.py: their prompts)."""
+    from stepsearch.evaluation.loop import Baseline, method_engine
 
-    tokenizer = load_tokenizer(training_env.sft_dir)
-    examples = load_examples(training_env.val)[:2]
-    # The scripted model would search twice; rag writes the first search for it, direct allows none.
-    scripts = [(ex.question, ["<search> other </search>", f"<answer> {ex.answers[0]} </answer>"]) for ex in examples]
-    config = rollout_config()
-    rag = method_engine("rag", ScriptedPolicy(tokenizer, scripts), tokenizer, training_env.retriever, config)
-    trajectory, scores = rollout_and_score(rag, examples, RewardConfig())
-    for ex, rec in zip(examples, trajectory.records):
-        assert [s.query for s in rec.steps] == [" ".join(ex.question.split())]
-        assert rec.steps[0].passage_ids == [p.id for p in training_env.retriever.search([rec.steps[0].query], 3)[0]]
-    direct = method_engine("direct", ScriptedPolicy(tokenizer, scripts), tokenizer, training_env.retriever, config)
-    trajectory, scores = rollout_and_score(direct, examples, RewardConfig())
-    assert all(not rec.steps and rec.invalid_actions == ["search_on_last_turn"] for rec in trajectory.records)
-    assert all(s.answer is None for s in scores)
-    with pytest.raises(Exception, match="unknown evaluation method"):
-        method_engine("oracle", None, tokenizer, training_env.retriever, config)
+    engine, _ = galdresse_engine
+    assert method_engine("agent", engine) is engine
+    for method in ("direct", "rag"):
+        runner = method_engine(method, engine)
+        assert isinstance(runner, Baseline) and runner.engine is engine and runner.method == method
+    with pytest.raises(Exception, match="unknown evaluation method 'oracle'"):
+        method_engine("oracle", engine)

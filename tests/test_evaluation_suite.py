@@ -62,8 +62,14 @@ def suite_run(training_env, tmp_path_factory):
     suite = Suite(benchmarks={"world": str(training_env.val), "flash": str(flashrag)}, models={"sft": str(policy)},
                   methods=["agent", "rag", "direct"], index=str(training_env.index_dir), sample=6, seed=630,
                   batch_size=4, output_dir=str(root / "out"), experiment="eval-test")
-    table_rows, md = run_suite(suite)
+    import contextlib
+    import io
+
+    printed = io.StringIO()  # not a terminal: evaluate's progress comes as plain lines
+    with contextlib.redirect_stdout(printed):
+        table_rows, md = run_suite(suite)
     mp.undo()
+    (root / "stdout.txt").write_text(printed.getvalue())
     return root, suite, table_rows, md, uri
 
 
@@ -78,14 +84,27 @@ def test_predictions_rescore_to_the_table(suite_run):
             assert row["scores"][bench]["em"] == pytest.approx(sum(_em(p["prediction"], p["answers"]) for p in mine) / 6)
             assert row["scores"][bench]["f1"] == pytest.approx(sum(_f1(p["prediction"], p["answers"]) for p in mine) / 6)
         assert row["avg_em"] == pytest.approx((row["scores"]["world"]["em"] + row["scores"]["flash"]["em"]) / 2)
-        if row["method"] == "rag":
-            assert all(len(p["searches"]) == 1 and p["searches"][0]["ids"] for p in preds)
+        if row["method"] == "rag":  # FlashRAG's standard RAG: the question's top 5, once
+            assert all(len(p["searches"]) == 1 and len(p["searches"][0]["ids"]) == 5 for p in preds)
+            assert all(p["searches"][0]["query"] == p["question"] for p in preds)
         if row["method"] == "direct":
             assert all(p["searches"] == [] for p in preds)
+        if row["method"] in ("rag", "direct"):  # the answer is the generation's first line
+            assert all(p["prediction"] == p["response"].strip().split("\n")[0].strip() for p in preds)
     csv = (root / "out" / "table.csv").read_text().splitlines()
     assert csv[0].startswith("method,model,world EM,world F1,flash EM") and len(csv) == 4
     assert f"{table_rows[0]['scores']['world']['em']:.3f}" in csv[1]
     assert "flash: 6 questions (6 sampled, seed 630); 1 rows skipped" in md
+
+
+def test_progress_lines_when_not_a_terminal(suite_run):
+    root = suite_run[0]
+    lines = (root / "stdout.txt").read_text().splitlines()
+    for method in ("agent", "rag", "direct"):
+        for bench in ("world", "flash"):
+            assert f"{method} sft {bench}: 0/6 questions (0%)" in lines
+            assert any(line.startswith(f"{method} sft {bench}: 6/6 questions (100%)") and "done in" in line
+                       for line in lines)
 
 
 def test_table_reaches_mlflow(suite_run):
@@ -143,8 +162,8 @@ def test_ask_prints_the_trajectory_turn_by_turn(training_env, capsys):
     assert run_ask(args) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("question: ") and lines[1].startswith("turn 1: <search> ")
-    assert lines[2].startswith("  retrieved: ") and "(" in lines[2]  # titles with their passage ids
+    assert lines[0].startswith("question: ") and lines[1].startswith("  retrieved: ") and "(" in lines[1]
+    assert lines[2].startswith("turn 1: ")  # rag: the question's passages (titles with ids), then the answer
     assert any(line.startswith("answer: ") for line in lines) and "1 searches" in out
 
 

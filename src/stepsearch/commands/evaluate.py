@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from stepsearch.errors import StepSearchError
@@ -87,7 +87,19 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
     bad = [m for m in suite.methods if m not in METHODS]
     if bad:
         raise StepSearchError(f"evaluate: unknown method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+    for path in suite.models.values():
+        check_model_source(str(path))
     return suite
+
+
+def check_model_source(path: str) -> None:
+    """One line for a model path that is no directory and cannot be a hub id (``name``, ``org/name``):
+    more than one ``/``, a leading ``.``, ``/`` or ``~``, or a parent folder that exists."""
+    where = Path(path).expanduser()
+    if where.exists() or where.suffix.lower() == ".gguf":
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or (path.count("/") == 1 and where.parent.is_dir()):
+        raise StepSearchError(f"model {path}: no such model directory")
 
 
 def _pairs(values: list[str] | None, what: str) -> dict:
@@ -193,57 +205,17 @@ def build_suite_retriever(suite: Suite):
     return load_retriever(suite.index), meta
 
 
-def format_table(rows: list[dict], benchmarks: list[str], notes: list[str]) -> tuple[str, str]:
-    """(Markdown, CSV) of the benchmark table: EM/F1 per benchmark and the unweighted average."""
-    head = ["method", "model"] + [f"{b} {m}" for b in benchmarks for m in ("EM", "F1")] + ["avg EM", "avg F1"]
-    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    csv = [",".join(head)]
-    for row in rows:
-        cells = [row["method"], row["model"]]
-        for b in benchmarks:
-            cells += [f"{row['scores'][b]['em']:.3f}", f"{row['scores'][b]['f1']:.3f}"]
-        cells += [f"{row['avg_em']:.3f}", f"{row['avg_f1']:.3f}"]
-        md.append("| " + " | ".join(cells) + " |")
-        csv.append(",".join(cells))
-    if notes:
-        md += ["", *(f"- {n}" for n in notes)]
-    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
-
-
-def _mlflow_log(suite: Suite, row: dict, card: dict, md: str, csv: str, predictions: Path) -> None:
-    import mlflow
-
-    from stepsearch.records.tracking import default_tracking_uri
-
-    uri = card.get("tracking_uri") if suite.log_to_policy_run and card.get("run_id") else default_tracking_uri()
-    client = mlflow.MlflowClient(uri)
-    metrics = {f"test/{b}/{k}": s[k] for b, s in row["scores"].items() for k in ("em", "f1")}
-    metrics.update({"test/avg/em": row["avg_em"], "test/avg/f1": row["avg_f1"]})
-    experiment = client.get_experiment_by_name(suite.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(suite.experiment)
-    run = client.create_run(experiment_id, run_name=f"{row['method']}-{row['model']}",
-                            tags={"method": row["method"], "model": row["model"], "kind": "evaluation"})
-    targets = [run.info.run_id] + ([card["run_id"]] if suite.log_to_policy_run and card.get("run_id") else [])
-    for run_id in targets:
-        prefix = "" if run_id == run.info.run_id else f"{row['method']}/"
-        for key, value in metrics.items():
-            client.log_metric(run_id, key.replace("test/", f"test/{prefix}", 1), value)
-        client.log_text(run_id, md, f"{prefix}benchmark_table.md")
-    client.log_text(run.info.run_id, csv, "benchmark_table.csv")
-    client.log_artifact(run.info.run_id, str(predictions), "predictions")
-    client.log_param(run.info.run_id, "suite", json.dumps(asdict(suite))[:6000])
-    client.set_terminated(run.info.run_id)
-
-
 def run_suite(suite: Suite) -> tuple[list[dict], str]:
     """Evaluate every (method, model) on every benchmark; write the table and predictions; return
     (rows, Markdown)."""
     from rich.console import Console
-    from rich.progress import Progress
 
+    from stepsearch.commands.benchmark_table import format_table, mlflow_log, print_table
     from stepsearch.evaluation.loop import evaluate_examples, method_engine
     from stepsearch.models.loading import load_policy
+    from stepsearch.progress import Progress
     from stepsearch.rewards import RewardConfig
+    from stepsearch.rollout.factory import build_engine
 
     console = Console()
     out_dir = Path(suite.output_dir)
@@ -261,15 +233,16 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
     for model_name, model_path in suite.models.items():
         config, card = policy_rollout(model_path, suite.rollout)
         model, tokenizer = load_policy(model_path, dtype=suite.dtype)
+        engine = build_engine(config, model, tokenizer, retriever, model_path=model_path)  # rollout.backend
         for method in suite.methods:
-            engine = method_engine(method, model, tokenizer, retriever, config)
+            runner = method_engine(method, engine)
             row = {"method": method, "model": model_name, "scores": {}}
             predictions = out_dir / "predictions" / f"{method}-{model_name}.jsonl"
-            with predictions.open("w") as handle, Progress(console=console, transient=True) as progress:
-                for name, examples in benchmarks.items():
-                    task = progress.add_task(f"{method} {model_name} {name}", total=len(examples))
-                    acc, preds = evaluate_examples(engine, examples, RewardConfig(), suite.batch_size,
-                                                   progress=lambda n, t=task: progress.advance(t, n))
+            with predictions.open("w") as handle:
+                for name, examples in benchmarks.items():  # a plain line every N s when not on a terminal
+                    with Progress(f"{method} {model_name} {name}", len(examples), unit="question") as progress:
+                        acc, preds = evaluate_examples(runner, examples, RewardConfig(), suite.batch_size,
+                                                       progress=progress.advance)
                     metrics = acc.compute("test")
                     row["scores"][name] = {"em": metrics.get("test/em", 0.0), "f1": metrics.get("test/f1", 0.0),
                                            "n": len(examples), "searches": metrics.get("test/searches", 0.0)}
@@ -281,24 +254,12 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
     md, csv = format_table([r for r, _, _ in rows], list(benchmarks), notes)
     (out_dir / "table.md").write_text(md)
     (out_dir / "table.csv").write_text(csv)
-    _print_table([r for r, _, _ in rows], list(benchmarks), notes, console)
+    print_table([r for r, _, _ in rows], list(benchmarks), notes, console)
     if suite.experiment:
         for row, card, predictions in rows:
-            _mlflow_log(suite, row, card, md, csv, predictions)
+            mlflow_log(suite, row, card, md, csv, predictions)
     console.print(f"table: {out_dir / 'table.md'}, {out_dir / 'table.csv'}; predictions: {out_dir / 'predictions'}")
     return [r for r, _, _ in rows], md
-
-
-def _print_table(rows, benchmarks, notes, console) -> None:
-    from rich.table import Table
-
-    table = Table(title="EM / F1 (greedy)", caption="\n".join(notes))
-    for column in ["method", "model", *benchmarks, "average"]:
-        table.add_column(column, justify="left" if column in ("method", "model") else "right")
-    for row in rows:
-        cells = [f"{row['scores'][b]['em']:.3f} / {row['scores'][b]['f1']:.3f}" for b in benchmarks]
-        table.add_row(row["method"], row["model"], *cells, f"{row['avg_em']:.3f} / {row['avg_f1']:.3f}")
-    console.print(table)
 
 
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
@@ -359,15 +320,17 @@ def run_ask(args: argparse.Namespace) -> int:
     from stepsearch.evaluation.loop import method_engine, rollout_and_score
     from stepsearch.models.loading import load_policy
     from stepsearch.rewards import RewardConfig
+    from stepsearch.rollout.factory import build_engine
 
     if not args.index and not args.url:
         raise StepSearchError("ask needs --index DIR (a BM25 or dense index) or --url http://host:port (a retrieval service)")
+    check_model_source(args.model)
     suite = Suite(index=args.index, url=args.url)
     retriever, _ = build_suite_retriever(suite)
     overrides = {k: v for k, v in {"template": args.template, "max_turns": args.max_turns}.items() if v is not None}
     config, _ = policy_rollout(args.model, overrides)
     model, tokenizer = load_policy(args.model, dtype=args.dtype)
-    engine = method_engine(args.method, model, tokenizer, retriever, config)
+    engine = method_engine(args.method, build_engine(config, model, tokenizer, retriever, model_path=args.model))
     example = Example(id="ask", question=args.question, answers=[""])
     trajectory, scores = rollout_and_score(engine, [example], RewardConfig())
     console = Console(soft_wrap=True)  # one turn per line, however long
@@ -385,6 +348,8 @@ def trajectory_lines(record) -> list[str]:
     from stepsearch.rewards import strip_environment_blocks
 
     lines, steps = [], iter(record.steps)
+    if record.steps and "</search>" not in record.response_text:  # rag: retrieved with the question, then the answer
+        lines.append(f"  retrieved: {' | '.join(f'{t} ({i})' for t, i in zip(record.steps[0].passage_titles, record.steps[0].passage_ids))}")
     text = strip_environment_blocks(record.response_text)
     turns = [t for t in (piece.strip() for piece in text.replace("</search>", "</search>\x00").split("\x00")) if t]
     for turn, chunk in enumerate(turns):

@@ -6,15 +6,25 @@ whose ``answer`` is the single answer extraction of :mod:`stepsearch.rewards.for
 per-question output, :func:`prediction_rows`. ``EvalAccumulator`` gathers torchmetrics
 ``ExactMatch``/``TokenF1`` overall, per dataset and per hop count plus reward-side means.
 
-Methods (:func:`method_engine`), after Search-R1's baselines:
+Methods (:func:`method_engine`): ``agent`` is the multi-turn search policy (its rollout limits as
+trained); ``direct`` and ``rag`` are the field's baselines, FlashRAG's naive generation and standard
+RAG (``SequentialPipeline.naive_run``/``run``, ``flashrag/prompt/base_prompt.py`` at RUC-NLPIR/FlashRAG
+1ee5249), reported as "Direct Inference" and "RAG" by Search-R1 and StepSearch:
 
-- ``agent``: the multi-turn search policy, its rollout limits as trained.
-- ``rag``: one retrieval with the question, then one answer. Departure from Search-R1 (which puts
-  the passages in a separate RAG prompt): the retrieval is written into the agent's own protocol
-  (``<search> question </search>`` then ``<information>``, with the last-turn notice) and the model
-  answers from there, so a policy trained on that protocol (and a tiny one) can read its documents.
-- ``direct``: the same prompt, one generation, no retrieval (``max_turns = 0``); a search there ends
-  the trajectory unanswered (``search_on_last_turn``), which is scored like any wrong answer.
+- the prompt is a system message (:data:`DIRECT_INSTRUCTION`, or :data:`RAG_INSTRUCTION` with the top
+  :data:`RAG_TOP_K` passages retrieved with the question, written ``Doc {i}(Title: {title}) {text}``
+  from the passage's ``contents`` as FlashRAG's ``format_reference`` does) and a user message
+  ``Question: {question}``, through the tokenizer's chat template when it has one (FlashRAG decides by
+  "chat"/"instruct" in the model name), else the two joined by a blank line (FlashRAG's fallback);
+- one greedy generation of at most :data:`BASELINE_MAX_NEW_TOKENS` tokens (FlashRAG's ``max_tokens:
+  32``), through the same rollout backend as the agent (:func:`stepsearch.rollout.factory.build_engine`);
+- the answer is the generated text up to its first line break (leading whitespace dropped), scored
+  with the same EM/F1. Departure: FlashRAG scores the whole generation; a chat model that answers
+  and then explains would otherwise lose every EM point for the explanation.
+
+The instruction texts are FlashRAG's byte for byte, including "document.Only" (no space: two string
+literals joined in its source). Where Search-R1 differs (its own direct/RAG prompts ask to "answer
+... with one or few words" and its retrieval gives the top 3), this follows FlashRAG (top 5).
 
 Per-dataset metrics are created on first sight of a dataset; under DDP every rank must see the
 same dataset names (true when the validation split is sharded, not partitioned by dataset).
@@ -22,8 +32,9 @@ same dataset names (true when the validation split is sharded, not partitioned b
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 
@@ -114,9 +125,13 @@ class EvalAccumulator:
 
 
 def rollout_and_score(engine, examples, reward_config):
-    """One greedy rollout batch over ``examples`` and its scores: ``(trajectory, scores)``."""
+    """One greedy rollout batch over ``examples`` and its scores: ``(trajectory, scores)``; for a
+    :class:`Baseline`, its :class:`BaselineBatch` and first-line scores."""
     from stepsearch.rewards import score_trajectories
 
+    if isinstance(engine, Baseline):
+        batch = engine.run(examples)
+        return batch, engine.score(examples, batch)
     trajectory = engine.generate([ex.question for ex in examples], greedy=True)
     return trajectory, score_trajectories(trajectory.records, examples, reward_config)
 
@@ -149,36 +164,130 @@ def evaluate_examples(engine, examples, reward_config, batch_size: int = 16, pro
     return acc, rows
 
 
-class _QuestionSearchedFirst:
-    """Mixin for a turn-loop engine: every row's first turn is ``<search> {question} </search>``,
-    written for the model (not generated); the engine then retrieves and inserts ``<information>``
-    exactly as for a search the model wrote."""
-
-    _first_queries: list[str] | None = None
-
-    def generate(self, questions, *, greedy=False, seed=None, row_keys=None):
-        self._first_queries = [" ".join(q.split()) for q in questions]
-        return super().generate(questions, greedy=greedy, seed=seed, row_keys=row_keys)
-
-    def _generate_turn(self, keys, contexts, max_new, greedy):
-        from stepsearch.rollout.decoding import TurnOutput
-
-        if self._first_queries is not None:
-            queries, self._first_queries = self._first_queries, None
-            return [TurnOutput(self._encode(f"<search> {queries[k]} </search>"), "tag") for k in keys]
-        return super()._generate_turn(keys, contexts, max_new, greedy)
+DIRECT_INSTRUCTION = ("Answer the question based on your own knowledge. Only give me the answer and do not "
+                      "output any other words.")
+RAG_INSTRUCTION = ("Answer the question based on the given document."
+                   "Only give me the answer and do not output any other words."
+                   "\nThe following are given documents.\n\n{reference}")  # FlashRAG's, "document.Only" included
+USER_PROMPT = "Question: {question}"
+RAG_TOP_K = 5  # FlashRAG's retrieval_topk
+BASELINE_MAX_NEW_TOKENS = 32  # FlashRAG's generation max_tokens
 
 
-def method_engine(method: str, model, tokenizer, retriever, rollout_config):
-    """The rollout engine of an evaluation method (``agent``, ``rag``, ``direct``; module docstring)."""
+def format_reference(passages) -> str:
+    """FlashRAG's ``format_reference``: the title is the first line of ``contents`` (quotes kept)."""
+    lines = []
+    for index, passage in enumerate(passages):
+        title, _, text = passage.contents.partition("\n")
+        lines.append(f"Doc {index + 1}(Title: {title}) {text}\n")
+    return "".join(lines)
+
+
+def baseline_prompt(question: str, tokenizer, passages=None, use_chat_template: bool | None = None) -> str:
+    """The prompt text of ``direct`` (``passages`` None) or ``rag`` for one question (module docstring)."""
+    from stepsearch.rollout.template import uses_chat_template
+
+    system = DIRECT_INSTRUCTION if passages is None else RAG_INSTRUCTION.format(reference=format_reference(passages))
+    user = USER_PROMPT.format(question=question)
+    if uses_chat_template(tokenizer, use_chat_template):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{system}\n\n{user}"
+
+
+def first_line(text: str) -> str:
+    """The answer of a baseline: the generated text up to its first line break, stripped."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+@dataclass
+class BaselineBatch:
+    """What a baseline produced for a batch: one record per question (``answer`` = its first line)."""
+
+    records: list
+    timing: dict
+
+
+class Baseline:
+    """``direct`` or ``rag`` on a rollout engine's backend: one prompt, one short greedy generation."""
+
+    def __init__(self, method: str, engine, top_k: int = RAG_TOP_K, max_new_tokens: int = BASELINE_MAX_NEW_TOKENS):
+        self.method, self.engine, self.top_k, self.max_new_tokens = method, engine, top_k, max_new_tokens
+
+    def prompts(self, questions: list[str]) -> tuple[list[str], list[list]]:
+        """(prompt texts, retrieved passages per question; empty lists for ``direct``)."""
+        from stepsearch.rollout.retrieval_queue import search_checked
+
+        engine = self.engine
+        if self.method == "rag":
+            found = search_checked(engine.retriever, list(questions), self.top_k)
+        else:
+            found = [[] for _ in questions]
+        texts = [baseline_prompt(q, engine.tokenizer, p if self.method == "rag" else None,
+                                 engine.config.use_chat_template) for q, p in zip(questions, found)]
+        return texts, found
+
+    def run(self, examples) -> BaselineBatch:
+        from stepsearch.rollout.seeding import row_seed
+        from stepsearch.rollout.trajectory import SearchStep, TrajectoryRecord
+
+        engine, started = self.engine, time.perf_counter()
+        texts, found = self.prompts([ex.question for ex in examples])
+        contexts = [self._prompt_ids(text) for text in texts]
+        keys = list(range(len(examples)))
+        # The backend's one-turn hooks (TurnLoopEngine): greedy, so the row seeds draw nothing.
+        engine.row_seeds = [row_seed(0, key) for key in keys]
+        engine._begin(0, True)
+        try:
+            outputs = engine._generate_turn(keys, contexts, [self.max_new_tokens] * len(keys), True)
+        finally:
+            engine._end()
+        records = []
+        for ex, text, passages, out in zip(examples, texts, found, outputs):
+            response = engine.tokenizer.decode(out.ids, skip_special_tokens=True)
+            steps = [SearchStep(query=ex.question, passage_ids=[p.id for p in passages],
+                                passage_titles=[p.title for p in passages], passage_texts=[p.text for p in passages],
+                                end_index=0)] if self.method == "rag" else []
+            records.append(TrajectoryRecord(prompt_text=text, response_text=response, answer=first_line(response),
+                                            steps=steps, num_turns=1, finished=out.stop == "eos"))
+        return BaselineBatch(records, {"wall_s": time.perf_counter() - started})
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """The prompt's ids (a chat template holds its specials); over the context cap, FlashRAG's cut:
+        the first and the last halves of the allowed length."""
+        from stepsearch.rollout.template import uses_chat_template
+
+        engine = self.engine
+        templated = uses_chat_template(engine.tokenizer, engine.config.use_chat_template)
+        ids = list(engine.tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        limit = engine.config.max_context_tokens - self.max_new_tokens
+        if len(ids) > limit:
+            half = max(limit // 2, 1)
+            ids = ids[:half] + ids[-(limit - half):]
+        return ids
+
+    def score(self, examples, batch: BaselineBatch) -> list:
+        """EM/F1 of each first-line answer (``format_ok``: there is no protocol, always True)."""
+        from stepsearch.evaluation.metrics import exact_match_score, f1_score
+        from stepsearch.rewards.scoring import TrajectoryScore
+
+        scores = []
+        for ex, record in zip(examples, batch.records):
+            f1 = f1_score(record.answer, ex.answers)
+            scores.append(TrajectoryScore(format_ok=True, answer=record.answer, answer_f1=f1,
+                                          answer_em=exact_match_score(record.answer, ex.answers), key_score=0.0,
+                                          global_score=f1, num_searches=len(record.steps)))
+        return scores
+
+
+def method_engine(method: str, engine, **baseline_options):
+    """What runs an evaluation method on a rollout engine (one built by
+    :func:`stepsearch.rollout.factory.build_engine`): the engine itself for ``agent``, a
+    :class:`Baseline` on it for ``direct`` and ``rag`` (module docstring)."""
     from stepsearch.errors import StepSearchError
-    from stepsearch.rollout.hf_engine import HFRolloutEngine
 
     if method == "agent":
-        return HFRolloutEngine(model, tokenizer, retriever, rollout_config)
-    if method == "direct":
-        return HFRolloutEngine(model, tokenizer, retriever, replace(rollout_config, max_turns=0))
-    if method == "rag":
-        engine_class = type("RetrieveOnceEngine", (_QuestionSearchedFirst, HFRolloutEngine), {})
-        return engine_class(model, tokenizer, retriever, replace(rollout_config, max_turns=1))
+        return engine
+    if method in ("direct", "rag"):
+        return Baseline(method, engine, **baseline_options)
     raise StepSearchError(f"unknown evaluation method {method!r}: use one of {', '.join(METHODS)}")
