@@ -45,7 +45,8 @@ def stopped(root):
     after its first checkpoint. Returns (A's pid, A's exit code, B's result)."""
     run_dir = root / "runs" / RUN
     first = start_cli(fit_args(root, *SCHEDULE), cwd=root, log=root / "A.log")
-    wait_for(lambda: (run_dir / "run.lock").exists(), first)
+    # A is in its fit: it holds the lock (or, without one, has written its record).
+    wait_for(lambda: (run_dir / "run.lock").exists() or (run_dir / "run.json").exists(), first)
     first.send_signal(signal.SIGSTOP)  # A holds the lock, alive, for as long as B takes
     try:
         second = run_cli(fit_args(root, *SCHEDULE), cwd=root)
