@@ -171,6 +171,10 @@ def compare(uri: str, experiments=(), run_ids=(), filter_string: str = "", group
     Markdown); warnings (runs left out, budgets that differ) go into ``notes`` and the Markdown."""
     import mlflow
 
+    from stepsearch.records.store import check_store, check_writable
+
+    check_store(uri, write=False)  # seconds, one line: not minutes of HTTP retries
+    check_writable(out_dir, "compare --out")
     client = mlflow.MlflowClient(uri)
     notes = [] if notes is None else notes
     runs = split_running(select_runs(client, experiments, run_ids, filter_string), include_running, notes)
@@ -251,6 +255,9 @@ def run_ui(args: argparse.Namespace) -> int:
     import sys
 
     uri = tracking_uri(args.tracking_uri)
+    from stepsearch.records.store import check_store
+
+    check_store(uri, write=False)
     _print_notes(*store_warnings(uri, missing_is_error=False))
     for name, url in runs_urls(uri, args.host, args.port):
         print(f"{name}: {url}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from stepsearch.errors import StepSearchError
-from stepsearch.records.tracking import POLICY_CARD  # beside an exported policy; written by log_policy_dir
+from stepsearch.records.policy_card import POLICY_CARD
 
 
 @dataclass
@@ -62,6 +62,8 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
 
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
+        except UnicodeDecodeError as err:
+            raise StepSearchError(f"suite {path}: not a text file (byte {err.start} is not UTF-8); expected a suite YAML") from None
         except (OSError, yaml.YAMLError) as err:
             raise StepSearchError(f"suite {path}: cannot read it as YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
@@ -219,6 +221,12 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
 
     console = Console()
     out_dir = Path(suite.output_dir)
+    from stepsearch.records.store import check_store, check_writable
+    from stepsearch.records.tracking import default_tracking_uri
+
+    check_writable(out_dir, "evaluate --output-dir")  # before hours of evaluation, not after
+    if suite.experiment:
+        check_store(default_tracking_uri())
     (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
     benchmarks, notes = {}, []
     for name, spec in suite.benchmarks.items():

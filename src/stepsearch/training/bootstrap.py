@@ -16,7 +16,7 @@ from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmSt
 
 # Rollout settings that shape a demonstration's tokens (sampling settings do not: it is scripted).
 DEMONSTRATION_ROLLOUT_FIELDS = ("template", "max_turns", "max_response_tokens", "max_observation_tokens",
-                                "max_context_tokens", "top_k", "use_chat_template")
+                                "max_context_tokens", "top_k", "use_chat_template", "observation_format")
 # Retriever settings that change which passages fill demonstrations (threads, cache, HTTP timeouts and
 # retries, mmap, faiss_gpu only change how fast or how robustly the same passages come back). The index
 # build fields count: with `corpus` set and no index yet, the index is built here from them.

@@ -47,8 +47,8 @@ from stepsearch.errors import StepSearchError
 from stepsearch.models.policy import ActorCritic, LoraSettings, PolicySettings
 from stepsearch.training.validation import EvaluationHooks
 from stepsearch.ppo import core
-from stepsearch.records.runs import stop_signal
 from stepsearch.ppo.algorithms import resolve_algorithm
+from stepsearch.records.runs import stop_signal
 from stepsearch.rewards import RewardConfig, place_rewards, score_trajectories, summarize_scores
 from stepsearch.rollout.engine import RolloutConfig, VLLMSettings
 from stepsearch.rollout.seeding import example_row_keys, iteration_seed
