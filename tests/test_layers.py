@@ -41,3 +41,16 @@ def test_no_module_is_over_the_size_limit():
     sizes = {str(p.relative_to(import_graph.PACKAGE_ROOT)): len(p.read_text().splitlines())
              for p in import_graph.PACKAGE_ROOT.rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_imports_inside_functions_say_why():
+    """Top-level imports, unless an import is heavy or optional: an import of a package module inside
+    a function carries a comment saying why (``# lazy: loads torch`` — what it would pull in)."""
+    files = {import_graph.module_name(p): p for p in import_graph.PACKAGE_ROOT.rglob("*.py")}
+    unexplained = []
+    for name, path in sorted(files.items()):
+        lines = path.read_text().splitlines()
+        for target, line, top in import_graph.imports(path, set(files)):
+            if not top and "#" not in lines[line - 1]:
+                unexplained.append(f"{path.relative_to(import_graph.PACKAGE_ROOT)}:{line} {lines[line - 1].strip()}")
+    assert unexplained == [], "move these to the top of the module, or say why they are lazy:\n" + "\n".join(sorted(set(unexplained)))

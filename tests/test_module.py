@@ -518,10 +518,10 @@ def test_skipped_steps_count_survives_a_checkpoint(monkeypatch):
     """``train/skipped_steps`` is a running count: a resumed run continues it, never restarts at 0."""
     from types import SimpleNamespace
 
-    import stepsearch.data.continuation
+    import stepsearch.training.module
     from stepsearch.training.module import StepSearchPPO
 
-    monkeypatch.setattr(stepsearch.data.continuation, "all_rng_states", lambda trainer: [])
+    monkeypatch.setattr(stepsearch.training.module, "all_rng_states", lambda trainer: [])
     before = StepSearchPPO()
     before._trainer = SimpleNamespace(global_step=5, world_size=1, global_rank=0)
     before.skipped_steps = 3

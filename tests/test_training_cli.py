@@ -184,7 +184,8 @@ def test_one_seed_flag_gives_a_separate_complete_run(tmp_path, monkeypatch):
 
     from stepsearch.data.datamodule import StepSearchDataModule
     from stepsearch.training.module import StepSearchPPO
-    from stepsearch.commands.fit import RunSession, SaveConfigCallback, StepSearchCLI, _run_dir, trainer_defaults
+    from stepsearch.commands.fit import RunSession, SaveConfigCallback, StepSearchCLI, trainer_defaults
+    from stepsearch.records.session import run_dir_of
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["stepsearch"])
@@ -202,5 +203,5 @@ def test_one_seed_flag_gives_a_separate_complete_run(tmp_path, monkeypatch):
     assert list(cli.model.bootstrap.tiny.corpus_files) == ["runs/quickstart/seed3/world/corpus.jsonl",
                                                            "runs/quickstart/seed3/world/train.jsonl"]
     assert list(cli.model.bootstrap.warm_start.data) == ["runs/quickstart/seed3/world/train.jsonl"]
-    assert _run_dir(config, session.seed, None) == tmp_path.joinpath("runs/quickstart/quickstart-steppo-seed3").relative_to(tmp_path)
+    assert run_dir_of(config, session.seed, None) == tmp_path.joinpath("runs/quickstart/quickstart-steppo-seed3").relative_to(tmp_path)
     assert "{seed}" not in json.dumps(config.as_dict(), default=str)

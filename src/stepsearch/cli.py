@@ -14,6 +14,12 @@ import importlib
 import sys
 
 from stepsearch.errors import StepSearchError
+from stepsearch.commands.argument_errors import (
+    OneLineArgumentParser,
+    check_config_files,
+    parse_args_one_line,
+    stepsearch_cause,
+)
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -58,8 +64,6 @@ def _add_command(subparsers, name: str, spec) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stepsearch.commands.argument_errors import OneLineArgumentParser
-
     parser = OneLineArgumentParser(
         prog="python -m stepsearch",
         description="StepSearch: train LLM search agents with step-wise PPO. "
@@ -77,10 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-            from stepsearch.commands.argument_errors import check_config_files, stepsearch_cause
-
             check_config_files(argv[1:])  # a typo in the path fails before torch/Lightning are imported
-            from stepsearch.commands.fit import run_lightning
+            from stepsearch.commands.fit import run_lightning  # lazy: loads lightning, torch, transformers
 
             try:
                 run_lightning(argv)
@@ -92,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
                     raise
                 raise cause from None
             return
-        from stepsearch.commands.argument_errors import parse_args_one_line
 
         parser = build_parser()
         args = parse_args_one_line(parser, argv)

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from stepsearch.errors import ConfigError
 
 DEFAULT_EVERY_S = 30.0
 EVERY_ENV = "STEPSEARCH_PROGRESS_EVERY"
@@ -46,8 +47,6 @@ def default_every() -> float:
     except ValueError:
         value = -1.0
     if not math.isfinite(value) or value < 0:
-        from stepsearch.errors import ConfigError
-
         raise ConfigError(f"${EVERY_ENV} must be a number of seconds >= 0, got {raw!r}")
     return value
 

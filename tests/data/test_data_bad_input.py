@@ -136,7 +136,7 @@ def test_count_flags_reject_zero():
 
     import pytest
 
-    from stepsearch.cli import positive_int
+    from stepsearch.arguments import positive_int
 
     assert positive_int("3") == 3
     for bad in ("0", "-2", "x"):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from stepsearch.commands.run_selection import budget_notes, group_runs, select_runs, split_running, store_warnings
 from stepsearch.errors import StepSearchError
+from stepsearch.records.store import check_store, check_writable
 
 SCORE_SUFFIXES = ("/em", "/f1", "/answer_f1")
 CURVES = (("val/em", "validation EM (greedy)"), ("train/reward", "training reward (sampled, algorithm's own)"),
@@ -38,7 +39,7 @@ TRAIN_KEYS = ("train/reward", "train/answer_f1", "train/searches")
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    from stepsearch.records.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri  # lazy: loads lightning, torch, transformers
 
     return explicit or default_tracking_uri()
 
@@ -171,8 +172,6 @@ def compare(uri: str, experiments=(), run_ids=(), filter_string: str = "", group
     Markdown); warnings (runs left out, budgets that differ) go into ``notes`` and the Markdown."""
     import mlflow
 
-    from stepsearch.records.store import check_store, check_writable
-
     check_store(uri, write=False)  # seconds, one line: not minutes of HTTP retries
     check_writable(out_dir, "compare --out")
     client = mlflow.MlflowClient(uri)
@@ -255,7 +254,6 @@ def run_ui(args: argparse.Namespace) -> int:
     import sys
 
     uri = tracking_uri(args.tracking_uri)
-    from stepsearch.records.store import check_store
 
     check_store(uri, write=False)
     _print_notes(*store_warnings(uri, missing_is_error=False))

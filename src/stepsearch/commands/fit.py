@@ -26,6 +26,15 @@ from lightning.pytorch.cli import LightningCLI
 from stepsearch import lightning_adapter
 from stepsearch.errors import ConfigError, StepSearchError
 from stepsearch.records.tracking import MLflowSaveConfigCallback
+from stepsearch.commands.argument_errors import parse_lightning_arguments
+from stepsearch.data.datamodule import StepSearchDataModule
+from stepsearch.records import checkpoints, runs, session as opening
+from stepsearch.records.runs import find_last_checkpoint, mlflow_run
+from stepsearch.records.store import check_logger_stores, check_writable
+from stepsearch.training.module import StepSearchPPO
+from stepsearch.training.progress_bar import use_iteration_progress
+from stepsearch.training.sharding import check_strategy_and_sizes
+from stepsearch.records.mlflow_resume import attach_recorded_run
 
 # Config keys that hold seeds: ``--seed S`` sets every one present (the world, the tiny model, the
 # warm-start, the data order, rollout sampling, and Lightning's global seed).
@@ -57,8 +66,6 @@ class SaveConfigCallback(MLflowSaveConfigCallback):
         self.pending = self.parser.dump(self.config, skip_none=False)  # logged once the checkpoint has loaded
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from stepsearch.records.runs import mlflow_run
-
         client, run_id = mlflow_run(trainer.logger)
         if client is not None and self.pending is not None:
             client.log_text(run_id, self.pending, f"config_resume{self.resume_number}.yaml")
@@ -86,8 +93,6 @@ class StepSearchCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         """A parse error is one line with a "did you mean", not the usage (commands.argument_errors)."""
-        from stepsearch.commands.argument_errors import parse_lightning_arguments
-
         parse_lightning_arguments(super().parse_arguments, parser, getattr(self, "_subcommand_parsers", {}).values(), args)
 
     def subcommand_config(self):
@@ -101,14 +106,11 @@ class StepSearchCLI(LightningCLI):
 
             seed_everything(seed, workers=True)
         check_counts(config, self.subcommand)
-        from stepsearch.records.store import check_logger_stores
 
         check_logger_stores(config)
         self.session.seed = seed
 
     def before_fit(self) -> None:
-        from stepsearch.training.progress_bar import use_iteration_progress
-
         use_iteration_progress(self.trainer)  # "PPO iteration k/N" (plain lines in a log), not "Epoch 0/-2"
         self.session.prepare_fit(self)
 
@@ -118,7 +120,6 @@ class StepSearchCLI(LightningCLI):
     def before_predict(self) -> None:
         config = self.subcommand_config()
         path = config.get("predictions_file") or Path(config.get("trainer.default_root_dir") or ".") / "predictions.jsonl"
-        from stepsearch.records.store import check_writable
 
         check_writable(path, "--predictions_file", kind="file")  # before the model loads, not after
         self.trainer.callbacks.append(PredictionsWriter(Path(path)))
@@ -219,7 +220,6 @@ class RunSession:
         """The one line for Ctrl-C during ``fit`` (after marking the MLflow run KILLED), else ``None``."""
         if self.preemption is None or not self.preemption.interrupted or self.trainer is None:
             return None
-        from stepsearch.records.runs import find_last_checkpoint, mlflow_run
 
         self.preemption.after_fit(self.trainer)  # marks the MLflow run KILLED
         _, run_id = mlflow_run(self.trainer.logger)
@@ -252,8 +252,6 @@ def run_lightning(argv: list[str]) -> StepSearchCLI | None:
     # Ctrl-C is reported in one line of ours (below), not Lightning's "attempting graceful shutdown".
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "KeyboardInterrupt" not in record.getMessage())
-    from stepsearch.data.datamodule import StepSearchDataModule
-    from stepsearch.training.module import StepSearchPPO
 
     import signal
 
@@ -298,9 +296,6 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
     """Before ``trainer.fit``: the config checks that need the built objects (before the logger can
     create a run), the run directory, its lock and the resume (``stepsearch.records.session``),
     checkpoint names and retention, the MLflow run, the run record and the signal handlers."""
-    from stepsearch.records import checkpoints, runs, session as opening
-    from stepsearch.training.sharding import check_strategy_and_sizes
-
     config, init, trainer = cli.subcommand_config(), cli.config_init[cli.subcommand], cli.trainer
     cli.model.trainer = trainer  # public setter; fit sets the same trainer
     check_strategy_and_sizes(cli.model, "fit")  # a refused config leaves no MLflow run and no run directory
@@ -316,8 +311,6 @@ def prepare_fit(session: RunSession, cli: StepSearchCLI) -> None:
             callback.filename, callback.auto_insert_metric_name = runs.CHECKPOINT_NAME, False
     checkpoints.configure_checkpointing(trainer, init.get("trainer.callbacks"))
     if resume is not None and record and (record.get("mlflow") or {}).get("run_id"):
-        from stepsearch.records.mlflow_resume import attach_recorded_run
-
         if attach_recorded_run(trainer, record["mlflow"]["run_id"]):
             for callback in trainer.callbacks:
                 if isinstance(callback, SaveConfigCallback):

@@ -12,14 +12,13 @@ from __future__ import annotations
 import re
 
 from stepsearch.errors import StepSearchError
+from stepsearch.records.store import file_store_path, sqlite_path
 
 
 def store_warnings(uri: str, missing_is_error: bool) -> tuple[str, list[str]]:
     """(the line naming the store, warnings) for a local store (sqlite file, file store folder): one
     that does not exist (an error for ``compare``, which would otherwise create it empty) or that holds
     no runs. A server's reachability is :func:`stepsearch.records.store.check_store`'s."""
-    from stepsearch.records.store import file_store_path, sqlite_path
-
     where = sqlite_path(uri) or file_store_path(uri)
     where = where.expanduser().resolve() if where is not None else None
     line = f"MLflow store: {uri}" + (f" ({where})" if where is not None and str(where) not in uri else "")

@@ -9,6 +9,10 @@ import argparse
 from pathlib import Path
 
 from stepsearch.arguments import positive_int
+from stepsearch.data.corpus import write_corpus
+from stepsearch.data.pipeline import build_training_set, filter_search_keys
+from stepsearch.data.sources import read_examples, write_examples
+from stepsearch.retrieval.factory import load_retriever
 
 OUTPUT_FORMATS = ("stepsearch", "stepsearch_release", "searchr1_parquet")
 INPUT_FORMATS = ("stepsearch", "hotpotqa", "musique", "2wiki", "flashrag", "stepsearch_release", "searchr1_parquet")
@@ -55,11 +59,9 @@ def _skips_table(skipped, limit: int = 10):
 def _filter_retriever(args, corpus: Path, console):
     """The retriever that filters keys: --filter-index as it is, or a fresh BM25 index of the corpus
     next to it (``<corpus stem>_bm25``, replaced on every build since the corpus was rewritten)."""
-    from stepsearch.retrieval.factory import load_retriever
-
     if args.filter_index:
         return load_retriever(args.filter_index)
-    from stepsearch.retrieval.index import build_index
+    from stepsearch.retrieval.index import build_index  # lazy: loads numpy
 
     index_dir = corpus.with_name(corpus.stem + "_bm25")
     console.print(f"building BM25 index {index_dir}")
@@ -71,10 +73,6 @@ def run_data_build(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
-
-    from stepsearch.data.corpus import write_corpus
-    from stepsearch.data.pipeline import build_training_set, filter_search_keys
-    from stepsearch.data.sources import write_examples
 
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -119,8 +117,6 @@ def run_data_build(args: argparse.Namespace) -> int:
 def run_data_convert(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
-
-    from stepsearch.data.sources import read_examples, write_examples
 
     console = Console(stderr=True)
     to_format = args.to_format or ("searchr1_parquet" if str(args.output).endswith(".parquet") else "stepsearch")

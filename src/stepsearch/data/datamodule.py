@@ -35,9 +35,13 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
 from stepsearch.data.schema import Example
-from stepsearch.data.synthetic import WorldConfig
+from stepsearch.data.synthetic import WorldConfig, world_paths, write_world
 from stepsearch.errors import StepSearchError
-from stepsearch.retrieval.factory import RetrieverConfig
+from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
+from stepsearch.data.continuation import ResumableDataLoader
+from stepsearch.data.sources import load_examples
+from stepsearch.rollout.factory import build_engine
+from stepsearch.data.sampling import GlobalBatchSampler
 
 Files = str | list[str] | None
 
@@ -136,8 +140,6 @@ class StepSearchDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ world and files
 
     def _world_paths(self) -> dict[str, Path]:
-        from stepsearch.data.synthetic import world_paths
-
         return world_paths(self.world_dir)
 
     def split_files(self, split: str) -> list[str]:
@@ -164,8 +166,6 @@ class StepSearchDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Write the world (once), and build the retriever's index when it is missing."""
         if self.world is not None:
-            from stepsearch.data.synthetic import write_world
-
             write_world(self.world, self.world_dir)
         config = self.resolved_retriever_config()
         index = getattr(config, "index", None) if config is not None else None
@@ -175,8 +175,6 @@ class StepSearchDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ examples
 
     def _read(self, files: list[str], limit: int | None) -> list[Example]:
-        from stepsearch.data.sources import load_examples
-
         examples: list[Example] = []
         for path in files:
             if limit is not None and len(examples) >= limit:
@@ -224,12 +222,10 @@ class StepSearchDataModule(pl.LightningDataModule):
             )
         sampler = None
         if train:  # global batches, each rank its strided share, seeded per epoch (data.sampling)
-            from stepsearch.data.sampling import GlobalBatchSampler
 
             trainer = self.trainer
             rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             sampler = GlobalBatchSampler(len(examples), self.batch_size, rank=rank, world_size=world, seed=self.seed)
-        from stepsearch.data.continuation import ResumableDataLoader  # train: the data order survives a resume
 
         return (ResumableDataLoader if train else DataLoader)(
             ExampleDataset(examples),
@@ -273,7 +269,6 @@ class StepSearchDataModule(pl.LightningDataModule):
             config = self.resolved_retriever_config()
             if config is None:
                 raise StepSearchError("no retriever configured: set data.retriever (or data.world for the synthetic world's BM25)")
-            from stepsearch.retrieval.factory import build_retriever
 
             self._retriever = build_retriever(config)
         return self._retriever
@@ -286,7 +281,6 @@ class StepSearchDataModule(pl.LightningDataModule):
         key = (id(model), repr(rollout), model_path)
         if self._engine is not None and self._engine_key == key:
             return
-        from stepsearch.rollout.factory import build_engine
 
         self._engine = build_engine(rollout, model, tokenizer, self.retriever, model_path=model_path)
         self._engine_key = key

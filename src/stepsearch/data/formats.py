@@ -44,6 +44,7 @@ from stepsearch.data.fields import (
 from stepsearch.data.official import ParseContext, Parsed, canonical_dataset
 from stepsearch.data.schema import Example, GoldenPassage, SubQuestion
 from stepsearch.errors import DataError
+from stepsearch.rollout.template import format_prompt
 
 WRITABLE_FORMATS = ("stepsearch", "stepsearch_release", "searchr1_parquet")
 
@@ -52,8 +53,6 @@ WRITABLE_FORMATS = ("stepsearch", "stepsearch_release", "searchr1_parquet")
 
 def prompt_text(question: str, template: str = "think") -> str:
     """The user-turn text of a question, as the rollout sees it (raw text, no chat template)."""
-    from stepsearch.rollout.template import format_prompt
-
     return format_prompt(question, template=template)
 
 

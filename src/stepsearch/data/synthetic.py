@@ -18,6 +18,7 @@ from pathlib import Path
 from stepsearch.data.world_generator import (MAX_HOPS, SPLITS, Entity, Fact, GENERATOR_VERSION, World, WorldConfig,
                                              generate_world, hop_counts, normalize_hops, world_summary)
 from stepsearch.errors import DataError
+from stepsearch.progress import step
 
 __all__ = ["MAX_HOPS", "SPLITS", "GENERATOR_VERSION", "Entity", "Fact", "World", "WorldConfig", "generate_world",
            "hop_counts", "normalize_hops", "world_summary", "MANIFEST", "world_paths", "read_manifest",
@@ -76,7 +77,6 @@ def write_world(config: WorldConfig, out_dir: str | Path, overwrite: bool = Fals
             detail = f" (differs in {', '.join(changed)})" if old and changed else ""
             raise DataError(f"{out} already holds another synthetic world{detail}: pass --overwrite "
                             "(overwrite=True) or choose another output directory")
-    from stepsearch.progress import step
 
     with step(f"world: generating seed {config.seed} into {out}"):
         world = generate_world(config)

@@ -46,6 +46,7 @@ import tempfile
 from pathlib import Path
 
 from stepsearch.errors import StepSearchError
+from stepsearch.models.loading import load_policy
 
 QWEN25_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -322,7 +323,6 @@ def run_model_convert(args) -> int:
     console = Console()
     with console.status(f"dequantizing {args.gguf} to float32…"):
         out = convert_gguf(args.gguf, args.out)
-    from stepsearch.models.loading import load_policy
 
     model, tokenizer = load_policy(out, device="cpu")
     console.print(f"{out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "

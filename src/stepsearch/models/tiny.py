@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from stepsearch.errors import DataError, StepSearchError
+from stepsearch.models.loading import load_policy
+from stepsearch.rollout.template import INVALID_ACTION_WARNING, LAST_TURN_WARNING, TAGS, TEMPLATES
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -70,8 +72,6 @@ def _record_texts(record) -> Iterator[str]:
 
 def _builtin_texts() -> list[str]:
     """Prompt, warning and observation texts, so the instruction words get their own merges."""
-    from stepsearch.rollout.template import INVALID_ACTION_WARNING, LAST_TURN_WARNING, TEMPLATES
-
     texts = [t.prompt.format(question="Who wrote the novel?") for t in TEMPLATES.values()]
     return texts + [INVALID_ACTION_WARNING, LAST_TURN_WARNING, "Doc 1<## Title: Example ##> text"]
 
@@ -81,8 +81,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, *, add_tag_tok
     """Train a byte-level BPE on ``texts``; return a ``PreTrainedTokenizerFast`` with eos/pad set."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from stepsearch.rollout.template import TAGS
 
     specials = [EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS]
     tokenizer = Tokenizer(models.BPE())
@@ -199,7 +197,6 @@ def run_model_tiny(args) -> int:
             intermediate_size=args.intermediate_size, max_position_embeddings=args.max_position_embeddings,
             seed=args.seed, chat_template=args.chat_template,
         )
-    from stepsearch.models.loading import load_policy
 
     model, tokenizer = load_policy(out)
     table = Table(title="tiny model", show_header=False)

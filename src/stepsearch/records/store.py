@@ -195,7 +195,7 @@ def logger_store_uris(config) -> list[str]:
     """The tracking URIs of the MLflow loggers a Lightning config names (``trainer.logger``), as the
     loggers will resolve them: ours defaults to ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``,
     Lightning's to ``$MLFLOW_TRACKING_URI`` or ``file:{save_dir}``."""
-    from stepsearch.records.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri  # lazy: loads lightning, torch, transformers
 
     entries = config.get("trainer.logger") if "trainer.logger" in config else None
     uris = []

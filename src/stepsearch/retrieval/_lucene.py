@@ -25,6 +25,7 @@ import threading
 from types import SimpleNamespace
 
 from stepsearch.errors import RetrievalError
+from stepsearch.java import ensure_java
 
 # One lock for the whole process (all indexes, searchers and indexers): see the module docstring.
 JVM_LOCK = threading.RLock()
@@ -38,8 +39,6 @@ def lucene() -> SimpleNamespace:
 
 
 def _start() -> SimpleNamespace:
-    from stepsearch.java import ensure_java
-
     ensure_java()
     try:
         import pyserini.pyclass  # noqa: F401 - configures the classpath with Anserini's fat jar

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
+from stepsearch.errors import RetrievalError
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,6 @@ def check_search_args(queries: list[str], k: int) -> None:
     integer, ``queries`` a list of strings, and no query may be empty (the message gives its
     position in the batch, so a caller can find it).
     """
-    from stepsearch.errors import RetrievalError
-
     if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
         raise RetrievalError(f"k must be a positive integer (number of passages per query), got {k!r}")
     if isinstance(queries, str) or not isinstance(queries, (list, tuple)):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from stepsearch.errors import RetrievalError
 from stepsearch.retrieval.base import Passage, Retriever, check_search_args
+from stepsearch.retrieval.server import describe_retriever
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ class CachedRetriever:
 
     def describe(self) -> dict:
         """The inner retriever's facts plus the cache's counters (for ``/health``)."""
-        from stepsearch.retrieval.server import describe_retriever
-
         stats = self.stats()
         return {**describe_retriever(self.inner), "cache": {"size": stats.size, "max_size": stats.max_size,
                                                              "hits": stats.hits, "misses": stats.misses}}

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from stepsearch.arguments import positive_int
 from stepsearch.errors import DataError, StepSearchError
+from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, index_kind
+from stepsearch.retrieval.server import create_app, run_server
 
 QUERY_FIELDS = ("query", "question")
 
@@ -54,8 +56,8 @@ def run_index_build(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from stepsearch.retrieval.faiss_index import FaissSpec
-    from stepsearch.retrieval.index import attach_index, build_index, read_index_meta
+    from stepsearch.retrieval.faiss_index import FaissSpec  # lazy: loads numpy
+    from stepsearch.retrieval.index import attach_index, build_index, read_index_meta  # lazy: loads numpy
 
     if args.faiss_file and args.lucene_dir:
         raise StepSearchError("give --faiss-file or --lucene-dir, not both")
@@ -179,8 +181,6 @@ def read_queries(path: str | Path) -> list[str]:
 
 
 def _open_retriever(args: argparse.Namespace):
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, index_kind
-
     if args.url:
         return build_retriever(RetrieverConfig(kind="http", url=args.url))
     return build_retriever(
@@ -281,9 +281,6 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
-
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, index_kind
-    from stepsearch.retrieval.server import create_app, run_server
 
     if not 0 <= args.port <= 65535:
         raise StepSearchError(f"--port must be between 0 and 65535, got {args.port}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from stepsearch.errors import RetrievalError
 from stepsearch.retrieval.base import Passage
+from stepsearch.retrieval.corpus import parse_corpus_record
 
 PASSAGES_FILE = "passages.jsonl"
 OFFSETS_FILE = "passages.offsets.npy"
@@ -130,8 +131,6 @@ class JsonlRowStore(_OpenFile):
         return len(self._starts)
 
     def get(self, row: int, score: float = 0.0) -> Passage:
-        from stepsearch.retrieval.corpus import parse_corpus_record
-
         start = int(self._starts[row])
         end = int(self._starts[row + 1]) if row + 1 < len(self._starts) else self._size
         raw = os.pread(self._fd, end - start, start)

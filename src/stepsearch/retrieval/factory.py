@@ -18,6 +18,9 @@ from pathlib import Path
 
 from stepsearch.errors import RetrievalError
 from stepsearch.retrieval.base import Retriever
+from stepsearch.retrieval.bm25 import BM25Retriever
+from stepsearch.retrieval.cache import CachedRetriever
+from stepsearch.retrieval.client import HttpRetriever
 
 RETRIEVER_KINDS = ("bm25", "dense", "http")
 
@@ -84,8 +87,8 @@ def _ensure_index(config: RetrieverConfig) -> Path:
     if not config.index:
         raise RetrievalError(f"retriever kind {config.kind!r} needs an index directory (retriever.index)")
     index_dir = Path(config.index)
-    from stepsearch.retrieval.faiss_index import FaissSpec
-    from stepsearch.retrieval.index import META_FILE, build_index
+    from stepsearch.retrieval.faiss_index import FaissSpec  # lazy: loads numpy
+    from stepsearch.retrieval.index import META_FILE, build_index  # lazy: loads numpy
 
     if index_dir.is_file():  # a FAISS file built elsewhere: nothing to build
         if config.kind != "dense":
@@ -117,17 +120,14 @@ def build_retriever(config: RetrieverConfig) -> Retriever:
     if config.kind == "http":
         if not config.url:
             raise RetrievalError("retriever kind 'http' needs a service URL (retriever.url)")
-        from stepsearch.retrieval.client import HttpRetriever
 
         retriever = HttpRetriever(
             config.url, timeout_s=config.timeout_s, max_retries=config.max_retries, backoff_s=config.backoff_s
         )
     elif config.kind == "bm25":
-        from stepsearch.retrieval.bm25 import BM25Retriever
-
         retriever = BM25Retriever(_ensure_index(config), threads=config.threads, k1=config.bm25_k1, b=config.bm25_b)
     else:
-        from stepsearch.retrieval.dense import DenseRetriever
+        from stepsearch.retrieval.dense import DenseRetriever  # lazy: loads numpy
 
         index = _ensure_index(config)
         retriever = DenseRetriever(
@@ -137,15 +137,13 @@ def build_retriever(config: RetrieverConfig) -> Retriever:
             corpus=config.corpus if index.is_file() else None, pooling=config.pooling,
         )
     if config.cache_size:
-        from stepsearch.retrieval.cache import CachedRetriever
-
         retriever = CachedRetriever(retriever, config.cache_size)
     return retriever
 
 
 def index_kind(index: str | Path) -> str:
     """``dense`` for a FAISS file, else the kind an index folder's metadata (or Lucene files) says."""
-    from stepsearch.retrieval.index import read_index_meta
+    from stepsearch.retrieval.index import read_index_meta  # lazy: loads numpy
 
     return "dense" if Path(index).is_file() else read_index_meta(index).kind
 
@@ -155,17 +153,15 @@ def load_retriever(index_dir: str | Path, **options) -> Retriever:
 
     ``options`` go to the backend (e.g. ``threads``, ``k1``/``b`` for BM25, ``encoder`` for dense).
     """
-    from stepsearch.retrieval.index import read_index_meta
+    from stepsearch.retrieval.index import read_index_meta  # lazy: loads numpy
 
     if Path(index_dir).is_file():  # a bare FAISS file: options must name its corpus
-        from stepsearch.retrieval.dense import DenseRetriever
+        from stepsearch.retrieval.dense import DenseRetriever  # lazy: loads numpy
 
         return DenseRetriever(index_dir, **options)
     meta = read_index_meta(index_dir)
     if meta.kind == "bm25":
-        from stepsearch.retrieval.bm25 import BM25Retriever
-
         return BM25Retriever(index_dir, **options)
-    from stepsearch.retrieval.dense import DenseRetriever
+    from stepsearch.retrieval.dense import DenseRetriever  # lazy: loads numpy
 
     return DenseRetriever(index_dir, **options)

@@ -46,6 +46,10 @@ from stepsearch.retrieval.index_meta import (  # noqa: F401  (re-exported: read_
     _has_lucene_segments,
     read_index_meta,
 )
+from stepsearch.progress import task_progress
+from stepsearch.retrieval.bm25 import BM25Retriever, write_lucene_index
+from stepsearch.retrieval.dense import DenseRetriever, write_dense_index
+from stepsearch.retrieval.docstore import corpus_row_starts
 
 if TYPE_CHECKING:
     from stepsearch.retrieval.encoder import TextEncoder
@@ -86,8 +90,6 @@ def _remove_artefacts(index_dir: Path) -> None:
 def _progress(show: bool):
     """A rich bar on a terminal; plain lines (stepsearch.progress) when stdout is not one."""
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from stepsearch.progress import task_progress
 
     return task_progress(lambda: Progress(
         TextColumn("[bold]{task.description}"),
@@ -150,12 +152,8 @@ def build_index(
             )
             meta = IndexMeta(kind=kind, count=0, corpus=str(corpus.resolve()))
             if kind == "bm25":
-                from stepsearch.retrieval.bm25 import write_lucene_index
-
                 meta.count = write_lucene_index(passages, staging / LUCENE_SUBDIR, threads=threads)
             else:
-                from stepsearch.retrieval.dense import write_dense_index
-
                 meta.count, meta.dim, meta.encoder, meta.faiss_params = write_dense_index(
                     passages,
                     staging,
@@ -230,9 +228,6 @@ def attach_index(
     staging = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.attaching-", dir=index_dir.parent))
     try:
         if faiss_file is not None:
-            from stepsearch.retrieval.dense import DenseRetriever
-            from stepsearch.retrieval.docstore import corpus_row_starts
-
             faiss_file, corpus = Path(faiss_file), Path(corpus)
             if not faiss_file.is_file():
                 raise RetrievalError(f"FAISS index file not found: {faiss_file}")
@@ -250,8 +245,6 @@ def attach_index(
             meta.faiss_index, meta.faiss_params = "external", opened.describe_faiss()
             opened.close()
         else:
-            from stepsearch.retrieval.bm25 import BM25Retriever
-
             lucene_dir = Path(lucene_dir).resolve()
             if not _has_lucene_segments(lucene_dir):
                 raise RetrievalError(f"{lucene_dir} is not a Lucene index (no segments_* file)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Literal
+from stepsearch.errors import ConfigError
 
 # End-of-sequence strings a decoder may leave after the final `</answer>` when special tokens are not
 # skipped; they are not text the model wrote, so the format gate ignores them.
@@ -58,8 +59,6 @@ class RewardConfig:
     trailing_ignore: tuple[str, ...] = DEFAULT_TRAILING_IGNORE
 
     def __post_init__(self) -> None:
-        from stepsearch.errors import ConfigError
-
         if self.answer_metric not in ("f1", "em"):
             raise ConfigError(f"model.rewards.answer_metric must be 'f1' or 'em', got {self.answer_metric!r}")
         if self.key_update not in ("overwrite", "max"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from stepsearch.retrieval.base import Retriever
 from stepsearch.rollout.engine import RolloutConfig, TurnLoopEngine
 from stepsearch.rollout.hf_engine import HFRolloutEngine
+from stepsearch.rollout.vllm_engine import VLLMRolloutEngine
 
 
 def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, *,
@@ -20,7 +21,5 @@ def build_engine(config: RolloutConfig, model, tokenizer, retriever: Retriever, 
     every :meth:`TurnLoopEngine.policy_updated`.
     """
     if config.backend == "vllm":
-        from stepsearch.rollout.vllm_engine import VLLMRolloutEngine  # heavy and optional
-
         return VLLMRolloutEngine.from_policy(model, tokenizer, retriever, config, model_path=model_path)
     return HFRolloutEngine(model, tokenizer, retriever, config)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from stepsearch.rollout.template import normalize_question
+from stepsearch.rollout.decoding import ForwardAdapter
 
 _P1, _B1 = 2_147_483_647, 1_000_003
 _P2, _B2 = 2_147_483_629, 998_244_353
@@ -97,8 +98,6 @@ class ScriptedPolicy(nn.Module):
         self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # gives the module a device
         self._memo: dict[tuple[int, int, int], tuple[int, int, int]] = {}
         if base_model is not None:
-            from stepsearch.rollout.decoding import ForwardAdapter
-
             self._base_forward = ForwardAdapter(base_model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from stepsearch.retrieval.base import Passage
+from stepsearch.errors import StepSearchError
 
 TAGS = (
     "<think>", "</think>", "<search>", "</search>", "<answer>", "</answer>",
@@ -130,15 +131,11 @@ def get_template(template: str) -> Template:
     try:
         return TEMPLATES[template]
     except KeyError:
-        from stepsearch.errors import StepSearchError
-
         raise StepSearchError(f"unknown template {template!r}: choose one of {sorted(TEMPLATES)}") from None
 
 
 def check_observation_format(observation_format: str) -> str:
     if observation_format not in OBSERVATION_FORMATS:
-        from stepsearch.errors import StepSearchError
-
         raise StepSearchError(f"unknown observation_format {observation_format!r}: choose one of "
                               f"{sorted(OBSERVATION_FORMATS)}")
     return observation_format
@@ -156,8 +153,6 @@ def uses_chat_template(tokenizer, use_chat_template: bool | None = None) -> bool
     """Whether :func:`format_prompt` wraps the prompt in ``tokenizer``'s chat template."""
     has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if use_chat_template is True and not has_template:
-        from stepsearch.errors import StepSearchError
-
         raise StepSearchError("use_chat_template=True but the tokenizer has no chat template")
     return has_template and use_chat_template is not False
 
@@ -194,7 +189,7 @@ def parse_action(text: str, template: str = "think") -> Action:
 def extract_answer(text: str) -> str | None:
     """The model's answer: :func:`stepsearch.rewards.format.extract_answer`, the one definition the
     format gate and every evaluation share (last tag-free ``<answer>`` block, stripped; None without)."""
-    from stepsearch.rewards.format import extract_answer as answer_of
+    from stepsearch.rewards.format import extract_answer as answer_of  # lazy: loads torch, transformers, matplotlib
 
     return answer_of(text)
 

@@ -118,7 +118,7 @@ def build_llm(model_path: str, config: RolloutConfig, dtype: torch.dtype, seed: 
     from transformers import AutoConfig
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors handed over as is
-    from stepsearch.rollout.vllm_vocabulary import PaddingRowsMask
+    from stepsearch.rollout.vllm_vocabulary import PaddingRowsMask  # lazy: loads vllm, transformers, sklearn
 
     check_head_size(AutoConfig.from_pretrained(model_path), model_path)
     on_cpu = _on_cpu()

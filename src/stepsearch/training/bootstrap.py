@@ -12,6 +12,10 @@ import random
 from pathlib import Path
 
 from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings, run_warm_start
+from stepsearch.data.sources import load_examples
+from stepsearch.errors import StepSearchError
+from stepsearch.models.tiny import make_tiny_model
+from stepsearch.progress import step
 
 
 # Rollout settings that shape a demonstration's tokens (sampling settings do not: it is scripted).
@@ -29,7 +33,7 @@ def tiny_fingerprint_settings(tiny: TinyModelSettings) -> dict:
     """What makes the tiny model: its settings (not where it is written) and its corpus files' bytes."""
     from dataclasses import asdict
 
-    from stepsearch.records.runs import file_digest
+    from stepsearch.records.runs import file_digest  # lazy: loads lightning, torch, transformers
 
     settings = {k: v for k, v in asdict(tiny).items() if k != "out_dir"}
     settings["corpus_files"] = {str(f): file_digest(f) for f in tiny.corpus_files}
@@ -41,7 +45,7 @@ def warm_start_fingerprint_settings(warm: WarmStartSettings, base: str, rollout_
     settings that shape demonstrations, and the retriever that fills their observations."""
     import dataclasses
 
-    from stepsearch.records.runs import FINGERPRINT_FILE, file_digest, read_fingerprint
+    from stepsearch.records.runs import FINGERPRINT_FILE, file_digest, read_fingerprint  # lazy: loads lightning, torch, transformers
 
     base_print = Path(base) / FINGERPRINT_FILE
     settings = {k: v for k, v in dataclasses.asdict(warm).items() if k != "data"}
@@ -78,18 +82,13 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
     """
     import torch
 
-    from stepsearch.data.sources import load_examples
-    from stepsearch.errors import StepSearchError
-    from stepsearch.records.runs import check_fingerprint, write_fingerprint
+    from stepsearch.records.runs import check_fingerprint, write_fingerprint  # lazy: loads lightning, torch, transformers
 
     with torch.random.fork_rng(devices=[]), _python_rng_kept():
         if settings.tiny is not None:
             t = settings.tiny
             tiny_settings = tiny_fingerprint_settings(t)
             if not check_fingerprint(t.out_dir, tiny_settings, "tiny model", "model.bootstrap.tiny.out_dir"):
-                from stepsearch.models.tiny import make_tiny_model
-                from stepsearch.progress import step
-
                 with step(f"tiny model: training its tokenizer and writing {t.out_dir}"):
                     make_tiny_model(t.out_dir, list(t.corpus_files), vocab_size=t.vocab_size,
                                     hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,

@@ -54,6 +54,19 @@ from stepsearch.rollout.engine import RolloutConfig, VLLMSettings
 from stepsearch.rollout.seeding import example_row_keys, iteration_seed
 from stepsearch.training.combinations import refuse_combinations
 from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings
+from stepsearch.data.continuation import all_rng_states, set_rng_state
+from stepsearch.evaluation.loop import EvalAccumulator
+from stepsearch.records.tracking import log_policy_dir, log_trajectory_samples, report_before_after
+from stepsearch.training.iteration import RolloutBatch, ppo_iteration
+from stepsearch.training.sharding import (
+    check_strategy_and_sizes,
+    clip_or_skip,
+    collectives,
+    global_means,
+    optimizer_class,
+    shard_if_model_parallel,
+)
+from stepsearch.training.bootstrap import run_bootstrap
 
 
 @dataclass
@@ -183,7 +196,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
             core.AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
             if self.ppo.adaptive_kl else core.FixedKLController(self.ppo.kl_coef)
         )
-        from stepsearch.evaluation.loop import EvalAccumulator
 
         self.val_metrics = EvalAccumulator()
         self.history: dict[str, dict[str, float]] = {}
@@ -199,8 +211,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
     def prepare_data(self) -> None:
         """Quickstart bootstrap on rank 0: make the tiny model, warm-start it (both idempotent)."""
         if self.bootstrap is not None:
-            from stepsearch.training.bootstrap import run_bootstrap
-
             run_bootstrap(self.bootstrap, self.model_settings.name_or_path, self.rollout_config, self.trainer.datamodule)
 
     def configure_model(self) -> None:
@@ -214,13 +224,10 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
                 raise StepSearchError(f"model.model.name_or_path: {path} does not exist; point it at a model "
                                       "directory or hub id, or set model.bootstrap to make it")
         self.actor_critic = ActorCritic(self.model_settings, seed=self.seed)
-        from stepsearch.training.sharding import shard_if_model_parallel
 
         shard_if_model_parallel(self)
 
     def setup(self, stage: str) -> None:
-        from stepsearch.training.sharding import check_strategy_and_sizes
-
         self.per_rank = check_strategy_and_sizes(self, stage)
         self.configure_model()
         # The DataModule owns the environment and its rollout engine (rollout.backend); it generates
@@ -234,7 +241,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         groups = [(self.actor_critic.actor_parameters(), self.optim.actor_lr, self.optim.actor_warmup_ratio)]
         if not self.actor_critic.shared_critic:
             groups.append((self.actor_critic.critic_parameters(), self.optim.critic_lr, self.optim.critic_warmup_ratio))
-        from stepsearch.training.sharding import optimizer_class
 
         optimizer = optimizer_class(self.optim, self.model_settings)
         for params, lr, warmup_ratio in groups:
@@ -263,8 +269,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.trainer.datamodule.policy_updated()  # the next rollout uses (vLLM: syncs) the updated weights
         t3 = time.perf_counter()
 
-        from stepsearch.training.sharding import global_means
-
         episode = {**summarize_scores(scores), "response_length": float(trajectory.loss_mask.sum(1).float().mean())}
         metrics = {f"train/{k}": v for k, v in global_means(self, episode, len(examples)).items()}
         metrics.update({f"train/{k}": float(v) for k, v in stats.items()})
@@ -281,8 +285,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
         self.log("train/reward", metrics.pop("train/reward"), prog_bar=True, on_step=True, batch_size=len(examples))
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(examples))
         if self.log_samples_every_n_steps and iteration % self.log_samples_every_n_steps == 0:
-            from stepsearch.records.tracking import log_trajectory_samples
-
             log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
                                    f"samples/train_step{iteration:05d}", self.num_logged_samples)
         self._count_one_iteration(iteration)
@@ -290,9 +292,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
     def ppo_update(self, trajectory, placed: torch.Tensor, num_prompts: int) -> dict[str, float]:
         """One PPO iteration on this rank's rollouts (``stepsearch.training.iteration``): advantages over the
         global batch, actor and critic updates, the KL controller and schedulers stepped once."""
-        from stepsearch.training.sharding import collectives
-        from stepsearch.training.iteration import RolloutBatch, ppo_iteration
-
         comm = collectives(self)
         # Global prompt ids under the sampler's strided layout (local prompt j of rank r is j·W + r).
         prompts = torch.arange(num_prompts, device=self.device) * comm.world_size + comm.rank
@@ -320,13 +319,9 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """After AMP unscaling, before the step: clip by global norm; a non-finite norm skips the step."""
-        from stepsearch.training.sharding import clip_or_skip
-
         self.last_grad_norm = clip_or_skip(self, optimizer, self.optim.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from stepsearch.data.continuation import all_rng_states
-
         checkpoint["kl_coef"] = float(self.kl_controller.value)  # the adaptive β moves; resume it
         checkpoint["skipped_steps"] = int(self.skipped_steps)  # a running count: continues after resume
         # Exact continuation (stepsearch.records.runs): the iteration, every rank's RNG states, and the
@@ -346,8 +341,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
             self.last_val_step = checkpoint["val_history"]["last_val_step"]
         states = checkpoint.get("rng_states") or []
         if states:
-            from stepsearch.data.continuation import set_rng_state
-
             set_rng_state(states[self.global_rank] if len(states) == self.trainer.world_size else states[0])
 
     def step_optimizer(self, optimizer) -> None:
@@ -382,7 +375,6 @@ class StepSearchPPO(EvaluationHooks, pl.LightningModule):
             return
         out = self.policy_export_dir()
         self.actor_critic.save_policy(out, full_state)
-        from stepsearch.records.tracking import log_policy_dir, report_before_after
 
         log_policy_dir(self.logger, out, self.rollout_config)  # + stepsearch_policy.json for evaluate
         if self.history:

@@ -23,6 +23,11 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from stepsearch.data.sources import load_examples
+from stepsearch.errors import ConfigError, StepSearchError
+from stepsearch.models.loading import load_policy
+from stepsearch.progress import Progress
+from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
 
 
 @dataclass
@@ -77,8 +82,6 @@ class WarmStartSettings:
 
     def __post_init__(self):
         if not 0.0 <= self.guess_fraction < 1.0:
-            from stepsearch.errors import ConfigError
-
             raise ConfigError(f"warm_start.guess_fraction must be in [0, 1), got {self.guess_fraction}")
 
 
@@ -155,8 +158,8 @@ def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, 
                                 require_golden_hits: bool = True, batch_size: int = 32, demos=None, progress=None):
     """Run the engine with a scripted policy; returns (trajectories, kept, dropped). ``progress(n)``
     is called with the number of demonstrations after each batch."""
-    from stepsearch.rollout.hf_engine import HFRolloutEngine
-    from stepsearch.rollout.scripted import ScriptedPolicy
+    from stepsearch.rollout.hf_engine import HFRolloutEngine  # lazy: loads torch, numpy
+    from stepsearch.rollout.scripted import ScriptedPolicy  # lazy: loads torch, numpy
 
     demos = list(demos) if demos is not None else [Demonstration()] * len(examples)
     batches, kept, dropped = [], 0, 0
@@ -181,7 +184,7 @@ def collect_golden_trajectories(examples, tokenizer, retriever, rollout_config, 
 def _select(trajectory, rows: list[int]):
     import torch
 
-    from stepsearch.rollout.trajectory import Trajectory
+    from stepsearch.rollout.trajectory import Trajectory  # lazy: loads torch, numpy
 
     index = torch.tensor(rows)
     length = int(trajectory.attention_mask[index].sum(1).max())
@@ -244,10 +247,6 @@ def run_warm_start(base: str, out_dir: str | Path, examples, retriever, rollout_
                    settings: WarmStartSettings) -> dict:
     """Collect golden trajectories, train, save to ``out_dir``. Returns a summary dict."""
     from rich.console import Console
-
-    from stepsearch.errors import StepSearchError
-    from stepsearch.models.loading import load_policy
-    from stepsearch.progress import Progress
 
     model, tokenizer = load_policy(base)
     if settings.hops:
@@ -317,9 +316,7 @@ def configure_sft(parser: argparse.ArgumentParser) -> None:
 def run_sft(args: argparse.Namespace) -> int:
     import torch
 
-    from stepsearch.data.sources import load_examples
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever
-    from stepsearch.rollout.engine import RolloutConfig
+    from stepsearch.rollout.engine import RolloutConfig  # lazy: loads torch, numpy
 
     torch.manual_seed(args.seed)
     examples = [ex for path in args.data for ex in load_examples(path)]

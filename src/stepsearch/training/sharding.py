@@ -36,6 +36,7 @@ from stepsearch.errors import StepSearchError
 from stepsearch.models.sharded_generation import decoder_layers
 from stepsearch.ppo.algorithms import resolve_algorithm
 from stepsearch.training.iteration import Collectives
+from stepsearch.models.loading import resolve_dtype
 
 LOW_PRECISION = ("bfloat16", "float16")
 
@@ -105,8 +106,6 @@ def check_strategy_and_sizes(module, stage: str) -> dict:
 
 
 def _dtype_name(dtype) -> str:
-    from stepsearch.models.loading import resolve_dtype
-
     resolved = resolve_dtype(dtype)
     return str(resolved).removeprefix("torch.")
 
@@ -227,7 +226,6 @@ def global_means(module, means: dict[str, float], count: int) -> dict[str, float
 def _compute_dtype(settings, device: torch.device):
     if settings.compute_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    from stepsearch.models.loading import resolve_dtype
 
     dtype = resolve_dtype(settings.compute_dtype)
     return None if dtype == torch.float32 else dtype

@@ -11,6 +11,8 @@ schedule, logged at the PPO iteration; sample trajectories to MLflow. Expects ``
 from __future__ import annotations
 
 from stepsearch.records.runs import stop_signal
+from stepsearch.evaluation.loop import prediction_rows, rollout_and_score
+from stepsearch.records.tracking import log_trajectory_samples
 
 
 class EvaluationHooks:
@@ -49,8 +51,6 @@ class EvaluationHooks:
         return self.val_metrics.compute(prefix)
 
     def _eval_batch(self, batch) -> None:
-        from stepsearch.evaluation.loop import rollout_and_score  # the one evaluation path (evaluate, predict)
-
         examples = list(batch)
         trajectory, scores = rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config)
         self.val_metrics.update(examples, trajectory, scores)
@@ -87,8 +87,6 @@ class EvaluationHooks:
         if prefix == "val":
             self.last_val_step = step
         if self.val_metrics.samples is not None:
-            from stepsearch.records.tracking import log_trajectory_samples
-
             trajectory, scores, examples = self.val_metrics.samples
             log_trajectory_samples(self.logger, self.actor_critic.tokenizer, trajectory, scores, examples,
                                    f"samples/{prefix}_step{step:05d}", self.num_logged_samples)
@@ -99,7 +97,5 @@ class EvaluationHooks:
         return self.ppo_iterations if self.trainer.state.fn == "fit" else self.trainer.global_step
 
     def predict_step(self, batch, batch_idx):
-        from stepsearch.evaluation.loop import prediction_rows, rollout_and_score
-
         examples = list(batch)
         return prediction_rows(examples, *rollout_and_score(self.trainer.datamodule.rollouts, examples, self.reward_config))
