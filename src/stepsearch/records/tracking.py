@@ -27,6 +27,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 
 from stepsearch import lightning_adapter
+from stepsearch.ppo.registry import ALGORITHMS
 from stepsearch.records.policy_card import POLICY_CARD
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -134,9 +135,11 @@ def run_tags(pl_module) -> dict:
 
 
 def run_name_from_tags(tags: dict) -> str:
-    """``{algorithm}[-no_{switch}...]-seed{S}``: switches named only where StePPO turns one off
-    (PPO's are off by definition)."""
-    off = [] if tags["algorithm"] == "ppo" else [f"no_{s}" for s in REWARD_SWITCHES if tags.get(s) is False]
+    """``{algorithm}[-no_{switch}...]-seed{S}``: switches named only where the config turns one off, not
+    where the algorithm forces them (PPO's step rewards are off by definition)."""
+    spec = ALGORITHMS.get(tags["algorithm"])
+    forced = spec is not None and spec.rewards is not None
+    off = [] if forced else [f"no_{s}" for s in REWARD_SWITCHES if tags.get(s) is False]
     return "-".join([tags["algorithm"], *off, f"seed{tags['seed']}"])
 
 
