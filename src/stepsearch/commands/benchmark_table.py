@@ -29,7 +29,7 @@ def format_table(rows: list[dict], benchmarks: list[str], notes: list[str]) -> t
 def mlflow_log(suite, row: dict, card: dict, md: str, csv: str, predictions: Path) -> None:
     import mlflow
 
-    from stepsearch.records.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri  # lazy: loads lightning
 
     uri = card.get("tracking_uri") if suite.log_to_policy_run and card.get("run_id") else default_tracking_uri()
     client = mlflow.MlflowClient(uri)

@@ -31,14 +31,20 @@ import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from stepsearch.arguments import positive_int
+from stepsearch.commands.benchmark_table import format_table, mlflow_log, print_table
+from stepsearch.data.schema import Example
+from stepsearch.data.sources import FORMATS, read_examples
 from stepsearch.errors import StepSearchError
+from stepsearch.progress import Progress
 from stepsearch.records.policy_card import POLICY_CARD
+from stepsearch.records.store import check_store, check_writable
+from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, load_retriever
 
 
 @dataclass
 class Suite:
     """What ``evaluate`` runs (YAML keys = field names)."""
-
     benchmarks: dict = field(default_factory=dict)  # name -> path, or {path, format, split}
     models: dict = field(default_factory=dict)  # name -> path or hub id
     methods: list = field(default_factory=lambda: ["agent"])
@@ -84,7 +90,8 @@ def load_suite(path: str | None, overrides: dict) -> Suite:
         raise StepSearchError("evaluate: no benchmarks (pass --benchmark NAME=FILE or a suite YAML with benchmarks:)")
     if not suite.models:
         raise StepSearchError("evaluate: no model (pass --model [NAME=]PATH or a suite YAML with models:)")
-    from stepsearch.evaluation.loop import METHODS
+
+    from stepsearch.evaluation.loop import METHODS  # lazy: loads torch
 
     bad = [m for m in suite.methods if m not in METHODS]
     if bad:
@@ -129,8 +136,6 @@ def sample_examples(examples: list, n: int | None, seed: int | None) -> list:
 
 def read_benchmark(name: str, spec) -> tuple[list, int]:
     """(examples, rows skipped by the reader) of one benchmark; ``Example.dataset`` set to ``name``."""
-    from stepsearch.data.sources import read_examples
-
     spec = spec if isinstance(spec, dict) else {"path": spec}
     if "path" not in spec:
         raise StepSearchError(f"benchmark {name}: give a path (benchmarks: {{{name}: FILE}})")
@@ -143,7 +148,7 @@ def read_benchmark(name: str, spec) -> tuple[list, int]:
 def policy_rollout(model_path: str, overrides: dict):
     """The RolloutConfig the policy was trained with (its ``stepsearch_policy.json``), then ``overrides``;
     and the card itself ({} without one)."""
-    from stepsearch.rollout.engine import RolloutConfig
+    from stepsearch.rollout.engine import RolloutConfig  # lazy: loads torch
 
     card_path = Path(model_path) / POLICY_CARD
     if card_path.is_file():
@@ -168,7 +173,7 @@ def _card_from_run(model_path: str) -> dict:
         return {}
     import mlflow
 
-    from stepsearch.records.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri  # lazy: loads lightning
 
     uri = default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -195,13 +200,11 @@ def yaml_value(text: str):
 
 
 def build_suite_retriever(suite: Suite):
-    from stepsearch.retrieval.factory import RetrieverConfig, build_retriever, load_retriever
-
     if suite.url:
         return build_retriever(RetrieverConfig(kind="http", url=suite.url)), None
     if not suite.index:
         raise StepSearchError("evaluate needs a retriever: --index DIR or --url http://host:port (or index: in the suite)")
-    from stepsearch.retrieval.index import read_index_meta
+    from stepsearch.retrieval.index import read_index_meta  # lazy: loads numpy
 
     meta = read_index_meta(suite.index)  # one-line RetrievalError for a missing or non-index directory
     return load_retriever(suite.index), meta
@@ -212,17 +215,14 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
     (rows, Markdown)."""
     from rich.console import Console
 
-    from stepsearch.commands.benchmark_table import format_table, mlflow_log, print_table
-    from stepsearch.evaluation.loop import evaluate_examples, method_engine
-    from stepsearch.models.loading import load_policy
-    from stepsearch.progress import Progress
-    from stepsearch.rewards import RewardConfig
-    from stepsearch.rollout.factory import build_engine
+    from stepsearch.evaluation.loop import evaluate_examples, method_engine  # lazy: loads torch
+    from stepsearch.models.loading import load_policy  # lazy: loads transformers
+    from stepsearch.rewards import RewardConfig  # lazy: loads transformers
+    from stepsearch.rollout.factory import build_engine  # lazy: loads torch
 
     console = Console()
     out_dir = Path(suite.output_dir)
-    from stepsearch.records.store import check_store, check_writable
-    from stepsearch.records.tracking import default_tracking_uri
+    from stepsearch.records.tracking import default_tracking_uri  # lazy: loads lightning
 
     check_writable(out_dir, "evaluate --output-dir")  # before hours of evaluation, not after
     if suite.experiment:
@@ -271,11 +271,8 @@ def run_suite(suite: Suite) -> tuple[list[dict], str]:
 
 
 def configure_evaluate(parser: argparse.ArgumentParser) -> None:
-    from stepsearch.arguments import positive_int
-
     parser.add_argument("--suite", help="suite YAML (benchmarks, models, methods, index, sample, seed, ...)")
     parser.add_argument("--benchmark", action="append", metavar="[NAME=]FILE", help="a benchmark file (repeatable)")
-    from stepsearch.data.sources import FORMATS
 
     parser.add_argument("--format", choices=FORMATS, help="layout of the benchmark files whose layout is not "
                         "detected (every benchmark without a format: key in the suite); default: detected")
@@ -324,11 +321,10 @@ def configure_ask(parser: argparse.ArgumentParser) -> None:
 def run_ask(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from stepsearch.data.schema import Example
-    from stepsearch.evaluation.loop import method_engine, rollout_and_score
-    from stepsearch.models.loading import load_policy
-    from stepsearch.rewards import RewardConfig
-    from stepsearch.rollout.factory import build_engine
+    from stepsearch.evaluation.loop import method_engine, rollout_and_score  # lazy: loads torch
+    from stepsearch.models.loading import load_policy  # lazy: loads transformers
+    from stepsearch.rewards import RewardConfig  # lazy: loads transformers
+    from stepsearch.rollout.factory import build_engine  # lazy: loads torch
 
     if not args.index and not args.url:
         raise StepSearchError("ask needs --index DIR (a BM25 or dense index) or --url http://host:port (a retrieval service)")
@@ -353,7 +349,7 @@ def run_ask(args: argparse.Namespace) -> int:
 
 def trajectory_lines(record) -> list[str]:
     """The response cut into turns: the model's text per turn, and each search's retrieved titles."""
-    from stepsearch.rewards import strip_environment_blocks
+    from stepsearch.rewards import strip_environment_blocks  # lazy: loads transformers
 
     lines, steps = [], iter(record.steps)
     if record.steps and "</search>" not in record.response_text:  # rag: retrieved with the question, then the answer

@@ -38,6 +38,12 @@ from dataclasses import dataclass
 
 import torch
 
+from stepsearch.errors import StepSearchError
+from stepsearch.rollout.retrieval_queue import search_checked
+from stepsearch.rollout.seeding import row_seed
+from stepsearch.rollout.template import uses_chat_template
+from stepsearch.rollout.trajectory import SearchStep, TrajectoryRecord
+
 METHODS = ("agent", "rag", "direct")
 
 
@@ -51,7 +57,6 @@ class EvalAccumulator:
     are not synced (a rank's shard may lack a hop count, and a collective only some ranks join
     would hang): like ``reward``, they are rank 0's share.
     """
-
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.reset()
@@ -70,7 +75,7 @@ class EvalAccumulator:
             yield from pair
 
     def _new_pair(self, **kwargs) -> tuple:
-        from stepsearch.evaluation.metrics import ExactMatch, TokenF1
+        from stepsearch.evaluation.metrics import ExactMatch, TokenF1  # lazy: loads torchmetrics
 
         return ExactMatch(**kwargs).to(self.device), TokenF1(**kwargs).to(self.device)
 
@@ -127,7 +132,7 @@ class EvalAccumulator:
 def rollout_and_score(engine, examples, reward_config):
     """One greedy rollout batch over ``examples`` and its scores: ``(trajectory, scores)``; for a
     :class:`Baseline`, its :class:`BaselineBatch` and first-line scores."""
-    from stepsearch.rewards import score_trajectories
+    from stepsearch.rewards import score_trajectories  # lazy: loads transformers
 
     if isinstance(engine, Baseline):
         batch = engine.run(examples)
@@ -185,8 +190,6 @@ def format_reference(passages) -> str:
 
 def baseline_prompt(question: str, tokenizer, passages=None, use_chat_template: bool | None = None) -> str:
     """The prompt text of ``direct`` (``passages`` None) or ``rag`` for one question (module docstring)."""
-    from stepsearch.rollout.template import uses_chat_template
-
     system = DIRECT_INSTRUCTION if passages is None else RAG_INSTRUCTION.format(reference=format_reference(passages))
     user = USER_PROMPT.format(question=question)
     if uses_chat_template(tokenizer, use_chat_template):
@@ -203,21 +206,17 @@ def first_line(text: str) -> str:
 @dataclass
 class BaselineBatch:
     """What a baseline produced for a batch: one record per question (``answer`` = its first line)."""
-
     records: list
     timing: dict
 
 
 class Baseline:
     """``direct`` or ``rag`` on a rollout engine's backend: one prompt, one short greedy generation."""
-
     def __init__(self, method: str, engine, top_k: int = RAG_TOP_K, max_new_tokens: int = BASELINE_MAX_NEW_TOKENS):
         self.method, self.engine, self.top_k, self.max_new_tokens = method, engine, top_k, max_new_tokens
 
     def prompts(self, questions: list[str]) -> tuple[list[str], list[list]]:
         """(prompt texts, retrieved passages per question; empty lists for ``direct``)."""
-        from stepsearch.rollout.retrieval_queue import search_checked
-
         engine = self.engine
         if self.method == "rag":
             found = search_checked(engine.retriever, list(questions), self.top_k)
@@ -228,8 +227,6 @@ class Baseline:
         return texts, found
 
     def run(self, examples) -> BaselineBatch:
-        from stepsearch.rollout.seeding import row_seed
-        from stepsearch.rollout.trajectory import SearchStep, TrajectoryRecord
 
         engine, started = self.engine, time.perf_counter()
         texts, found = self.prompts([ex.question for ex in examples])
@@ -255,8 +252,6 @@ class Baseline:
     def _prompt_ids(self, text: str) -> list[int]:
         """The prompt's ids (a chat template holds its specials); over the context cap, FlashRAG's cut:
         the first and the last halves of the allowed length."""
-        from stepsearch.rollout.template import uses_chat_template
-
         engine = self.engine
         templated = uses_chat_template(engine.tokenizer, engine.config.use_chat_template)
         ids = list(engine.tokenizer(text, add_special_tokens=not templated)["input_ids"])
@@ -268,8 +263,8 @@ class Baseline:
 
     def score(self, examples, batch: BaselineBatch) -> list:
         """EM/F1 of each first-line answer (``format_ok``: there is no protocol, always True)."""
-        from stepsearch.evaluation.metrics import exact_match_score, f1_score
-        from stepsearch.rewards.scoring import TrajectoryScore
+        from stepsearch.evaluation.metrics import exact_match_score, f1_score  # lazy: loads torchmetrics
+        from stepsearch.rewards.scoring import TrajectoryScore  # lazy: loads transformers
 
         scores = []
         for ex, record in zip(examples, batch.records):
@@ -284,8 +279,6 @@ def method_engine(method: str, engine, **baseline_options):
     """What runs an evaluation method on a rollout engine (one built by
     :func:`stepsearch.rollout.factory.build_engine`): the engine itself for ``agent``, a
     :class:`Baseline` on it for ``direct`` and ``rag`` (module docstring)."""
-    from stepsearch.errors import StepSearchError
-
     if method == "agent":
         return engine
     if method in ("direct", "rag"):

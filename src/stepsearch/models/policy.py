@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stepsearch.errors import StepSearchError
+from stepsearch.models.loading import load_policy, resolve_dtype
 from stepsearch.models.sharded_generation import FullWeightsForGeneration, reshard_after_generation
 
 
@@ -207,8 +208,6 @@ class ActorCritic(nn.Module):
 
     def __init__(self, settings: PolicySettings, seed: int = 0):
         super().__init__()
-        from stepsearch.models.loading import load_policy
-
         self.settings = settings
         policy, tokenizer = load_policy(
             settings.name_or_path, dtype=settings.dtype, gradient_checkpointing=settings.gradient_checkpointing
@@ -233,8 +232,6 @@ class ActorCritic(nn.Module):
             reference = copy.deepcopy(policy).eval()
             reference.requires_grad_(False)
             if settings.reference_dtype:
-                from stepsearch.models.loading import resolve_dtype
-
                 reference.to(resolve_dtype(settings.reference_dtype))
         self.policy = policy
         if settings.gradient_checkpointing:
