@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# Does StePPO teach a real LM to search? SmolLM2-135M-Instruct (configs/smollm2_musique.yaml): StePPO,
-# then the global-reward PPO baseline with the same budget, one after the other, from the same
-# warm-start; then `compare` (curves PNG) and `evaluate` (direct / rag / agent on HotpotQA, Bamboogle
-# and NQ samples, before and after training). Results: docs/experiments.md.
+# Does StePPO teach a real LM to search? SmolLM2-135M-Instruct (configs/smollm2_musique.yaml): StePPO
+# and the global-reward PPO baseline with the same budget from the same warm-start (side by side by
+# default); then `compare` and `evaluate` (direct / rag / agent on HotpotQA, Bamboogle and NQ samples,
+# before and after training); curves: experiments/smollm2_curves.py. Results: docs/experiments.md.
 #
 #   bash experiments/smollm2_steppo_vs_ppo.sh [OUT]      # OUT defaults to runs/smollm2_exp
 #
 # Environment: ITERATIONS (2) of BATCH (4) questions, VAL (10 HotpotQA questions at step 0 and at the
-# end), SAMPLE (10
-# questions per benchmark in the table), PARALLEL (1: the two runs side by side, one thread each; 0:
+# end), SAMPLE (10 questions per benchmark in the table), PARALLEL (1: the two runs side by side, one thread each; 0:
 # one after the other), PYTHON (.venv/bin/python), STAGES ("fit compare evaluate").
 # The code is copied to OUT/src first, so editing the working tree meanwhile does not change the runs.
 set -euo pipefail
