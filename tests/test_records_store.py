@@ -52,3 +52,26 @@ def test_a_file_that_is_not_a_database_is_named(tmp_path):
     (tmp_path / "notes.db").write_text("plain text, not sqlite " * 50)
     with pytest.raises(StepSearchError, match="is not an MLflow store"):
         check_store(f"sqlite:///{tmp_path / 'notes.db'}", write=False)
+
+
+def _check_then_create_experiment(uri: str, name: str) -> str:
+    import mlflow
+
+    check_store(uri)
+    mlflow.MlflowClient(uri).create_experiment(name)
+    return name
+
+
+def test_fits_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
+    """Seeds launched side by side on a fresh ``mlflow.db``: without the store check's lock, MLflow's
+    schema migration races and all but one process die ("Online migration expected to match one row",
+    seen with two quickstart seeds). With it, each process finds the tables made once."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        made = pool.starmap(_check_then_create_experiment, [(uri, f"seed{i}") for i in range(4)])
+    assert made == [f"seed{i}" for i in range(4)]
+    import mlflow
+
+    assert {e.name for e in mlflow.MlflowClient(uri).search_experiments()} >= set(made)

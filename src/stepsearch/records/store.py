@@ -113,6 +113,7 @@ def _check_sqlite(uri: str, database: Path, write: bool, timeout: float) -> None
         problem = writable_problem(database.parent, create=False)
         if problem:
             raise fail(f"cannot create {database} ({problem})")
+        _initialise_sqlite(uri, database)
         return
     if database.is_dir():
         raise fail(f"{database} is a folder, not a database file")
@@ -140,6 +141,24 @@ def _check_sqlite(uri: str, database: Path, write: bool, timeout: float) -> None
         problem = writable_problem(database.parent, create=False)  # sqlite writes its journal beside the file
         if problem:
             raise fail(f"cannot write beside {database} ({problem})")
+        _initialise_sqlite(uri, database)
+
+
+def _initialise_sqlite(uri: str, database: Path) -> None:
+    """Create (or bring up to date) MLflow's tables while holding an exclusive lock on the store's
+    folder. Several fits started at once on a new ``mlflow.db`` (seeds side by side) otherwise race
+    MLflow's schema migration, and all but one die in jsonargparse with "Online migration expected to
+    match one row". Idempotent: on a ready store it only checks the schema version."""
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = os.open(database.parent, os.O_RDONLY)  # a lock on the folder: no lock file left behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        SqlAlchemyStore(uri, str(database.parent / "mlartifacts"))  # creates/migrates the tables, nothing else
+    finally:
+        os.close(folder)  # closing releases the lock
 
 
 def writable_problem(path, create: bool = True) -> str | None:
