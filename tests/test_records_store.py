@@ -57,7 +57,7 @@ def test_a_file_that_is_not_a_database_is_named(tmp_path):
 def _check_then_create_experiment(uri: str, name: str) -> str:
     import mlflow
 
-    check_store(uri)
+    check_store(uri, initialise=True)  # what fit's check does before its logger exists
     mlflow.MlflowClient(uri).create_experiment(name)
     return name
 

@@ -57,15 +57,16 @@ def file_store_path(uri: str) -> Path | None:
     return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else Path(uri)
 
 
-def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT) -> None:
-    """One line naming ``uri`` and what failed, if the store cannot be used."""
+def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT, initialise: bool = False) -> None:
+    """One line naming ``uri`` and what failed, if the store cannot be used. ``initialise`` (``fit``,
+    about to log into it): also create a sqlite store's tables, under a lock (:func:`_initialise_sqlite`)."""
     bound_http_retries()
     if uri.startswith(("http://", "https://")):
         _check_http(uri, timeout)
         return
     database = sqlite_path(uri)
     if database is not None:
-        _check_sqlite(uri, database, write, timeout)
+        _check_sqlite(uri, database, write, timeout, initialise)
         return
     folder = file_store_path(uri)
     if folder is not None and write:
@@ -100,7 +101,7 @@ def _check_http(uri: str, timeout: float) -> None:
                 os.environ[key] = value
 
 
-def _check_sqlite(uri: str, database: Path, write: bool, timeout: float) -> None:
+def _check_sqlite(uri: str, database: Path, write: bool, timeout: float, initialise: bool = False) -> None:
     import sqlite3
 
     def fail(what: str):
@@ -113,7 +114,8 @@ def _check_sqlite(uri: str, database: Path, write: bool, timeout: float) -> None
         problem = writable_problem(database.parent, create=False)
         if problem:
             raise fail(f"cannot create {database} ({problem})")
-        _initialise_sqlite(uri, database)
+        if initialise:
+            _initialise_sqlite(uri, database)
         return
     if database.is_dir():
         raise fail(f"{database} is a folder, not a database file")
@@ -141,7 +143,8 @@ def _check_sqlite(uri: str, database: Path, write: bool, timeout: float) -> None
         problem = writable_problem(database.parent, create=False)  # sqlite writes its journal beside the file
         if problem:
             raise fail(f"cannot write beside {database} ({problem})")
-        _initialise_sqlite(uri, database)
+        if initialise:
+            _initialise_sqlite(uri, database)
 
 
 def _initialise_sqlite(uri: str, database: Path) -> None:
@@ -236,4 +239,4 @@ def logger_store_uris(config) -> list[str]:
 def check_logger_stores(config) -> None:
     """:func:`check_store` for every MLflow logger of a Lightning config, before it is built."""
     for uri in logger_store_uris(config):
-        check_store(uri)
+        check_store(uri, initialise=True)
