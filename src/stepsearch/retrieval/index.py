@@ -23,13 +23,11 @@ re-encoded), after the open-time checks have passed once.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 

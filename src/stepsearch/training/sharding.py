@@ -29,7 +29,6 @@ import math
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from torch import nn
 
 from stepsearch import lightning_adapter
 from stepsearch.errors import StepSearchError
